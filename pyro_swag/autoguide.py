@@ -1,0 +1,335 @@
+r"""SWAG as Pyro autoguides: a point-mass collector and the frozen Gaussian posterior.
+
+Both guides live in the model's *unconstrained* latent space, the space of
+:class:`~pyro.infer.autoguide.AutoContinuous`: every latent site is mapped through
+``biject_to(site.support).inv`` and the pieces are concatenated into one vector
+:math:`\theta \in \mathbb{R}^P`. SGD runs there, so that is where its iterates — and
+SWAG's Gaussian — live; constrained sites (scales, simplices) are mapped back through
+their bijections when the guide is sampled.
+
+With the moments of :mod:`pyro_swag.moments` (mean :math:`\mu`, diagonal variance
+:math:`\Sigma_{\rm diag}`, deviation matrix :math:`D \in \mathbb{R}^{P \times K'}`) the
+SWAG posterior is
+
+.. math::
+
+    q(\theta) = \mathcal{N}\!\left(\mu,\; \tfrac{s}{2}\Big(\Sigma_{\rm diag}
+                + \frac{D D^\top}{\max(K' - 1, 1)}\Big)\right),
+
+with ``scale`` :math:`s` (1 in the paper). SWAG-Diag is
+:math:`\mathcal{N}(\mu, s\, \Sigma_{\rm diag})`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pyro.distributions as dist
+import torch
+from pyro.infer.autoguide import AutoContinuous, AutoLaplaceApproximation
+from pyro.infer.autoguide.guides import prototype_hide_fn
+from pyro.infer.autoguide.initialization import init_to_median
+
+from .moments import SWAGMoments
+
+__all__ = ["SWAGCollector", "SWAGGuide"]
+
+
+def _layout(guide: AutoContinuous) -> list[tuple[str, tuple[int, ...]]]:
+    """Site names and unconstrained shapes, in the order they are packed."""
+    return [(name, tuple(shape)) for name, shape in guide._unconstrained_shapes.items()]
+
+
+def _check_layout(expected: list, found: list, what: str) -> None:
+    expected = [(n, tuple(s)) for n, s in expected]
+    if expected != found:
+        raise ValueError(
+            f"the model's latent structure changed: {what} has sites {expected} but the model "
+            f"now has {found}; use the model the {what} was built from"
+        )
+
+
+def _setup_continuous(guide: AutoContinuous, *args, **kwargs) -> None:
+    """Run ``AutoContinuous._setup_prototype``, naming any discrete latent site."""
+    try:
+        AutoContinuous._setup_prototype(guide, *args, **kwargs)
+    except NotImplementedError as err:
+        trace = guide.prototype_trace
+        discrete = [
+            name
+            for name, site in (trace.iter_stochastic_nodes() if trace is not None else [])
+            if site["fn"].support.is_discrete
+        ]
+        if not discrete:
+            raise
+        raise ValueError(
+            f"{type(guide).__name__} needs continuous latent sites, but {discrete} are "
+            "discrete; marginalise them out (config_enumerate + TraceEnum_ELBO) or observe them"
+        ) from err
+
+
+class SWAGCollector(AutoLaplaceApproximation):
+    """A point-mass guide that SGD moves and that records SWAG moments of its path.
+
+    ``SVI(model, collector, optim, Trace_ELBO())`` is MAP/SGD on the unconstrained latent
+    vector ``collector.loc``; call :meth:`collect` to record the current point (once per
+    epoch, or every few steps) and :meth:`swag_guide` to freeze the posterior.
+
+    Parameters
+    ----------
+    model : callable
+        A Pyro model with continuous latent sites.
+    rank : int
+        Number of deviations kept for the low-rank term (``K``).
+    init_loc_fn : callable
+        Per-site initialisation, see :mod:`pyro.infer.autoguide.initialization`.
+    min_var : float
+        Lower clamp of the diagonal variance.
+    deviation_dtype : torch.dtype, optional
+        Storage dtype of the deviation buffer (e.g. ``torch.bfloat16``).
+    moments_device : torch.device or str, optional
+        Keep the moments on another device (e.g. ``"cpu"`` while training on CUDA).
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        rank: int = 20,
+        *,
+        init_loc_fn: Callable = init_to_median,
+        min_var: float = 1e-30,
+        deviation_dtype: torch.dtype | None = None,
+        moments_device: torch.device | str | None = None,
+    ) -> None:
+        moments = SWAGMoments(rank, min_var, deviation_dtype, moments_device)
+        super().__init__(model, init_loc_fn=init_loc_fn)
+        self.moments = moments
+
+    def _setup_prototype(self, *args, **kwargs) -> None:
+        _setup_continuous(self, *args, **kwargs)
+        self.loc = torch.nn.Parameter(self._init_loc())
+
+    def _require_setup(self, what: str) -> None:
+        if self.prototype_trace is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.{what} needs the model's latent layout: run "
+                "svi.step(...) or call collector(*model_args) once first"
+            )
+
+    @property
+    def rank(self) -> int:
+        return self.moments.rank
+
+    @property
+    def num_snapshots(self) -> int:
+        """Number of snapshots collected so far."""
+        return self.moments.count
+
+    @torch.no_grad()
+    def collect(self, latent: torch.Tensor | None = None) -> None:
+        """Record the current point, or ``latent``, a flat unconstrained latent vector.
+
+        Raises ``ValueError``/``TypeError`` on a vector of the wrong size, dtype or device,
+        or one holding NaN/Inf, and then leaves the collected moments untouched.
+        """
+        self._require_setup("collect()")
+        loc = self.loc.detach()
+        if latent is None:
+            latent = loc
+        else:
+            self.moments.check(latent, "latent")
+            if latent.shape != loc.shape:
+                raise ValueError(
+                    f"latent has shape {tuple(latent.shape)}, expected ({loc.numel()},), "
+                    "the model's unconstrained latent size"
+                )
+            if latent.dtype != loc.dtype:
+                raise TypeError(
+                    f"latent has dtype={latent.dtype}, expected dtype={loc.dtype} (the model's); "
+                    f"convert it with .to({loc.dtype})"
+                )
+            if latent.device != loc.device:
+                raise ValueError(
+                    f"latent is on device={latent.device}, expected device={loc.device} "
+                    "(the model's); move it with .to(device)"
+                )
+        self.moments.update(latent)
+
+    def swag_guide(self, scale: float = 1.0, diagonal: bool = False) -> "SWAGGuide":
+        """Freeze the collected moments into a :class:`SWAGGuide` (a copy)."""
+        self._require_setup("swag_guide()")
+        if self.num_snapshots < 2:
+            raise RuntimeError(
+                f"swag_guide() needs at least 2 snapshots, {self.num_snapshots} collected; "
+                "call collect() during training"
+            )
+        m = self.moments
+        guide = SWAGGuide(
+            self.model,
+            loc=m.mean.clone(),
+            variance=m.variance(),
+            deviations=m.deviation_matrix(),
+            scale=scale,
+            diagonal=diagonal,
+            layout=_layout(self),
+        )
+        for attr in ("prototype_trace", "_unconstrained_shapes", "_cond_indep_stacks"):
+            setattr(guide, attr, getattr(self, attr))
+        guide._prototype_frames = dict(self._prototype_frames)
+        guide.latent_dim = self.latent_dim
+        return guide
+
+    # ------------------------------------------------------------- persistence
+    def get_extra_state(self) -> dict[str, Any]:
+        self._require_setup("state_dict()")
+        return {"layout": _layout(self)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        _check_layout(state["layout"], _layout(self), "checkpoint")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Restore a collector exactly; its model must have been set up (called) first."""
+        self._require_setup("load_state_dict()")
+        _check_layout(state_dict["_extra_state"]["layout"], _layout(self), "checkpoint")
+        with torch.no_grad():
+            self.loc.copy_(state_dict["loc"])  # in place: optimiser state stays attached
+        rest = {k: v for k, v in state_dict.items() if k != "loc"}
+        return super().load_state_dict(rest, strict=False, assign=assign)
+
+
+class SWAGGuide(AutoContinuous):
+    """The SWAG Gaussian over the model's unconstrained latent vector.
+
+    Usually made by :meth:`SWAGCollector.swag_guide`; usable anywhere an autoguide is,
+    e.g. ``pyro.infer.Predictive(model, guide=swag_guide, num_samples=100)``.
+
+    Parameters
+    ----------
+    model : callable
+        The Pyro model.
+    loc : torch.Tensor
+        SWA mean ``mu`` (P,).
+    variance : torch.Tensor
+        Diagonal variance ``Sigma_diag`` (P,).
+    deviations : torch.Tensor
+        Deviation rows ``D^T`` (K', P); may be empty for SWAG-Diag.
+    scale : float
+        Multiplier of the covariance; may be changed later (``guide.scale = 0.5``).
+    diagonal : bool
+        SWAG-Diag: ``N(mu, scale * Sigma_diag)``.
+    layout : list of (str, tuple), optional
+        Site names and unconstrained shapes, checked against the model when the guide
+        first runs.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        loc: torch.Tensor,
+        variance: torch.Tensor,
+        deviations: torch.Tensor,
+        scale: float = 1.0,
+        diagonal: bool = False,
+        layout: list | None = None,
+    ) -> None:
+        super().__init__(model)
+        if loc.dim() != 1 or variance.shape != loc.shape or deviations.shape[-1:] != loc.shape:
+            raise ValueError(
+                f"loc {tuple(loc.shape)}, variance {tuple(variance.shape)} and deviations "
+                f"{tuple(deviations.shape)} must be (P,), (P,) and (K, P)"
+            )
+        self.register_buffer("loc", loc)
+        self.register_buffer("variance", variance)
+        self.register_buffer("deviations", deviations)
+        self.scale = scale
+        self.diagonal = bool(diagonal)
+        self.layout = layout
+
+    @property
+    def scale(self) -> float:
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        if not (isinstance(value, (int, float)) and value > 0 and value < float("inf")):
+            raise ValueError(f"scale must be a positive finite number, got scale={value!r}")
+        self._scale = float(value)
+
+    @property
+    def rank(self) -> int:
+        """Number of deviations held, ``K'``."""
+        return self.deviations.shape[0]
+
+    def _prototype_hide_fn(self, msg: dict) -> bool:
+        # With a known layout, sites outside it (observed sites called with obs=None,
+        # as in Predictive(model, guide)(x)) are not latents of this guide.
+        names = {name for name, _ in self.layout or ()}
+        return prototype_hide_fn(msg) or bool(names and msg["name"] not in names)
+
+    def _setup_prototype(self, *args, **kwargs) -> None:
+        _setup_continuous(self, *args, **kwargs)
+        if self.layout is not None:
+            _check_layout(self.layout, _layout(self), "SWAG guide")
+        if self.latent_dim != self.loc.numel():
+            raise ValueError(
+                f"the model has {self.latent_dim} unconstrained latent entries but the guide "
+                f"was fitted on {self.loc.numel()}; use the model it was fitted on"
+            )
+
+    def cov_factor(self) -> torch.Tensor:
+        r"""Low-rank factor :math:`W = D \sqrt{s / (2 \max(K'-1, 1))}`, shape (P, K')."""
+        k = self.rank
+        w = self.deviations.to(self.loc.dtype).T
+        return w * (self.scale / (2 * max(k - 1, 1))) ** 0.5
+
+    def get_posterior(self, *args, **kwargs) -> dist.TorchDistribution:
+        """``LowRankMultivariateNormal`` (SWAG) or ``Normal(...).to_event(1)`` (SWAG-Diag)."""
+        if self.diagonal or self.rank == 0:
+            factor = 1.0 if self.diagonal else 0.5
+            return dist.Normal(self.loc, (factor * self.scale * self.variance).sqrt()).to_event(1)
+        return dist.LowRankMultivariateNormal(
+            self.loc, self.cov_factor(), self.scale * self.variance / 2
+        )
+
+    def marginal_variance(self) -> torch.Tensor:
+        """Diagonal of the posterior covariance, without forming it."""
+        if self.diagonal:
+            return self.scale * self.variance
+        var = self.scale * self.variance / 2
+        if self.rank:
+            var = var + self.cov_factor().pow(2).sum(-1)
+        return var
+
+    def _loc_scale(self, *args, **kwargs):
+        return self.loc, self.marginal_variance().sqrt()
+
+    # ------------------------------------------------------------- persistence
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"scale": self.scale, "diagonal": self.diagonal, "layout": self.layout}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.scale = state["scale"]
+        self.diagonal = bool(state["diagonal"])
+        self.layout = state["layout"]
+
+    @classmethod
+    def from_state_dict(cls, model: Callable, state_dict: dict[str, Any]) -> "SWAGGuide":
+        """Rebuild a guide saved with ``torch.save(guide.state_dict(), path)``.
+
+        Load the file with ``torch.load(path, weights_only=True)``.
+        """
+        missing = {"loc", "variance", "deviations", "_extra_state"} - set(state_dict)
+        if missing:
+            raise ValueError(
+                f"state_dict lacks {sorted(missing)}; pass the output of SWAGGuide.state_dict()"
+            )
+        extra = state_dict["_extra_state"]
+        return cls(
+            model,
+            loc=state_dict["loc"],
+            variance=state_dict["variance"],
+            deviations=state_dict["deviations"],
+            scale=extra["scale"],
+            diagonal=extra["diagonal"],
+            layout=[(n, tuple(s)) for n, s in extra["layout"]] if extra["layout"] else None,
+        )

@@ -1,0 +1,137 @@
+r"""Bayesian neural networks as Pyro models, ready for SWAG, SVI and NUTS.
+
+:class:`BayesianMLP` is a ``PyroModule`` MLP whose ``nn.Linear`` weights and biases carry
+``PyroSample`` priors :math:`\mathcal{N}(0, \sigma_p^2)`, with a Gaussian (learned or fixed
+noise), categorical or Bernoulli likelihood. The data plate declares the full data size,
+so minibatches scale the likelihood by :math:`N / B`::
+
+    with pyro.plate("data", size=num_data, subsample=torch.arange(B)):
+        pyro.sample("obs", likelihood, obs=y)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer.autoguide.initialization import init_to_median
+from pyro.nn import PyroModule, PyroSample
+from torch import nn
+
+__all__ = ["BayesianMLP", "LIKELIHOODS"]
+
+LIKELIHOODS = ("gaussian", "categorical", "bernoulli")
+_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
+
+
+class BayesianMLP(PyroModule):
+    """A fully connected Bayesian network ``in -> hidden... -> out``.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        Input size; output size (1 for regression and Bernoulli, #classes for categorical).
+    hidden : tuple of int
+        Hidden layer widths, e.g. ``(50,)`` or ``(50, 50)``.
+    likelihood : {"gaussian", "categorical", "bernoulli"}
+        Observation model of the site ``"obs"``.
+    prior_scale : float
+        Standard deviation of the Normal prior on every weight and bias.
+    noise : float or None
+        Gaussian likelihood only: a fixed noise sd, or ``None`` to learn the precision
+        ``tau ~ Gamma(noise_prior)`` (site ``"precision"``).
+    noise_prior : tuple of float
+        Concentration and rate of the Gamma prior on the noise precision.
+    activation : {"tanh", "relu"}
+        Hidden-layer non-linearity.
+
+    Notes
+    -----
+    Call as ``model(x, y=None, num_data=None)``; ``num_data`` is the full data size when
+    ``x`` is a minibatch. The result is the network output (mean or logits).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int = 1,
+        hidden: tuple[int, ...] = (50,),
+        likelihood: str = "gaussian",
+        prior_scale: float = 1.0,
+        noise: float | None = None,
+        noise_prior: tuple[float, float] = (1.0, 0.01),
+        activation: str = "tanh",
+    ) -> None:
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood={likelihood!r} is not one of {LIKELIHOODS}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not one of {sorted(_ACTIVATIONS)}")
+        if likelihood == "bernoulli" and out_features != 1:
+            raise ValueError(f"bernoulli needs out_features=1, got out_features={out_features}")
+        if not prior_scale > 0:
+            raise ValueError(f"prior_scale must be > 0, got prior_scale={prior_scale!r}")
+        self.likelihood = likelihood
+        self.activation = activation
+        self.noise = noise
+        self.noise_prior = tuple(float(v) for v in noise_prior)
+        sizes = [in_features, *hidden, out_features]
+        self.layers = PyroModule[nn.ModuleList](
+            [PyroModule[nn.Linear](a, b) for a, b in zip(sizes[:-1], sizes[1:])]
+        )
+        # Keep the network's own (fan-in) initial values: a better start than prior draws.
+        self._initial = {}
+        for i, layer in enumerate(self.layers):
+            self._initial[f"layers.{i}.weight"] = layer.weight.detach().clone()
+            self._initial[f"layers.{i}.bias"] = layer.bias.detach().clone()
+            layer.weight = PyroSample(
+                dist.Normal(0.0, prior_scale).expand([layer.out_features, layer.in_features])
+                .to_event(2)
+            )
+            layer.bias = PyroSample(
+                dist.Normal(0.0, prior_scale).expand([layer.out_features]).to_event(1)
+            )
+
+    def init_loc_fn(self) -> Callable:
+        """Initialiser for autoguides: the network's fan-in init, prior median elsewhere."""
+        initial = self._initial
+
+        def init(site: dict) -> torch.Tensor:
+            value = initial.get(site["name"])
+            if value is None:
+                return init_to_median(site)
+            return value.to(site["fn"].mean.device)
+
+        return init
+
+    def net(self, x: torch.Tensor) -> torch.Tensor:
+        """The network output for the current (sampled) weights."""
+        act = _ACTIVATIONS[self.activation]
+        for layer in self.layers[:-1]:
+            x = act(layer(x))
+        return self.layers[-1](x)
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, num_data: int | None = None
+    ) -> torch.Tensor:
+        out = self.net(x)
+        batch = x.shape[0]
+        if self.likelihood == "gaussian":
+            if self.noise is None:
+                c, r = self.noise_prior
+                tau = pyro.sample("precision", dist.Gamma(x.new_tensor(c), x.new_tensor(r)))
+                sigma = tau.rsqrt()
+            else:
+                sigma = x.new_tensor(self.noise)
+            mean = out.squeeze(-1)
+            obs = dist.Normal(mean, sigma)
+        elif self.likelihood == "bernoulli":
+            obs = dist.Bernoulli(logits=out.squeeze(-1))
+        else:
+            obs = dist.Categorical(logits=out)
+        index = torch.arange(batch, device=x.device)
+        with pyro.plate("data", size=num_data or batch, subsample=index):
+            pyro.sample("obs", obs, obs=y)
+        return out

@@ -1,0 +1,196 @@
+r"""Running SWAG moments of a trajectory of flat parameter vectors.
+
+Given snapshots :math:`\theta_1, \dots, \theta_n \in \mathbb{R}^P` this module keeps
+
+* the mean :math:`\mu_n = \frac1n \sum_i \theta_i`,
+* the diagonal variance :math:`\Sigma_{\rm diag} = \frac1n \sum_i \theta_i^2 - \mu_n^2`
+  (clamped below at ``min_var``),
+* the last :math:`K' = \min(K, n - 1)` deviations :math:`d_i = \theta_i - \mu_i`, where
+  :math:`\mu_i` is the running mean *after* adding :math:`\theta_i`, for :math:`i \ge 2`
+  (the first deviation is identically zero and is not stored).
+
+The variance is accumulated with Welford's update, whose increment is the very deviation
+row SWAG stores: with :math:`\delta = \theta_n - \mu_{n-1}`,
+
+.. math::
+
+    \mu_n = \mu_{n-1} + \delta / n, \qquad
+    d_n = \theta_n - \mu_n = \delta (n - 1) / n, \qquad
+    M_n = M_{n-1} + \delta \, d_n, \qquad \Sigma_{\rm diag} = M_n / n .
+
+Unlike the textbook :math:`\overline{\theta^2} - \mu^2`, this keeps its digits in float32
+when the spread is tiny compared with the mean. Deviations live in a preallocated
+``rank x P`` ring buffer, so one snapshot costs :math:`O(P)` whatever the rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["SWAGMoments"]
+
+
+class SWAGMoments(nn.Module):
+    """Mean, diagonal variance and last ``rank`` deviations of a stream of vectors.
+
+    Parameters
+    ----------
+    rank : int
+        Number of deviation rows kept (``K`` in the paper), at least 1.
+    min_var : float
+        Lower clamp of the diagonal variance.
+    deviation_dtype : torch.dtype, optional
+        Storage dtype of the deviation buffer (e.g. ``torch.bfloat16`` to halve its
+        memory); defaults to the snapshots' dtype.
+    device : torch.device or str, optional
+        Where the moments live; defaults to the first snapshot's device. Set it to
+        ``"cpu"`` to offload the moments of a GPU trajectory.
+
+    Notes
+    -----
+    Buffers are allocated on the first :meth:`update` (or by :meth:`load_state_dict`),
+    so the module's ``state_dict`` round-trips through ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(
+        self,
+        rank: int = 20,
+        min_var: float = 1e-30,
+        deviation_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an integer >= 1, got rank={rank!r}; use e.g. rank=20")
+        if not min_var >= 0:
+            raise ValueError(f"min_var must be >= 0, got min_var={min_var!r}")
+        self.rank = rank
+        self.min_var = float(min_var)
+        self.deviation_dtype = deviation_dtype
+        self.device = None if device is None else torch.device(device)
+        self.count = 0
+        self._head = 0
+        self.register_buffer("mean", None)
+        self.register_buffer("m2", None)
+        self.register_buffer("deviations", None)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def num_features(self) -> int | None:
+        """Length ``P`` of the vectors, or ``None`` before the first snapshot."""
+        return None if self.mean is None else self.mean.numel()
+
+    @property
+    def num_deviations(self) -> int:
+        """Number of deviation rows held, ``min(rank, count - 1)``."""
+        return min(self.rank, max(self.count - 1, 0))
+
+    def _allocate(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        dev_dtype = self.deviation_dtype or dtype
+        self.mean = torch.zeros(size, dtype=dtype, device=device)
+        self.m2 = torch.zeros(size, dtype=dtype, device=device)
+        self.deviations = torch.zeros(self.rank, size, dtype=dev_dtype, device=device)
+
+    def check(self, theta: torch.Tensor, name: str = "theta") -> None:
+        """Raise a clear error when ``theta`` cannot be the next snapshot."""
+        if not isinstance(theta, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(theta).__name__}")
+        if theta.dim() != 1:
+            raise ValueError(
+                f"{name} must be a flat vector, got shape {tuple(theta.shape)}; "
+                "flatten it with .reshape(-1)"
+            )
+        if not theta.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got dtype={theta.dtype}")
+        if self.mean is not None:
+            if theta.numel() != self.mean.numel():
+                raise ValueError(
+                    f"{name} has {theta.numel()} entries but the collected snapshots have "
+                    f"{self.mean.numel()}; pass a vector of the model's latent size"
+                )
+            if theta.dtype != self.mean.dtype:
+                raise TypeError(
+                    f"{name} has dtype={theta.dtype} but the collected snapshots have "
+                    f"dtype={self.mean.dtype}; convert it with .to({self.mean.dtype})"
+                )
+        if not bool(torch.isfinite(theta).all()):
+            raise ValueError(
+                f"{name} contains NaN or Inf; the trajectory diverged (lower the learning "
+                "rate or clip gradients); nothing was collected"
+            )
+
+    # ----------------------------------------------------------------- update
+    @torch.no_grad()
+    def update(self, theta: torch.Tensor) -> None:
+        """Add one snapshot (a flat vector) to the moments, in :math:`O(P)`."""
+        self.check(theta)
+        if self.mean is None:
+            self._allocate(theta.numel(), theta.dtype, self.device or theta.device)
+        theta = theta.to(self.mean.device)
+        self.count += 1
+        n = self.count
+        if n == 1:
+            self.mean.copy_(theta)
+            return
+        row = self.deviations[self._head]
+        delta = row if row.dtype == theta.dtype else torch.empty_like(theta)
+        torch.sub(theta, self.mean, out=delta)  # delta = theta - mu_{n-1}
+        self.mean.add_(delta, alpha=1.0 / n)
+        self.m2.addcmul_(delta, delta, value=(n - 1) / n)  # += delta * d_n
+        delta.mul_((n - 1) / n)  # d_n = theta - mu_n
+        if delta is not row:
+            row.copy_(delta)
+        self._head = (self._head + 1) % self.rank
+
+    # ---------------------------------------------------------------- results
+    def _require(self, at_least: int) -> None:
+        if self.count < at_least:
+            raise RuntimeError(
+                f"{self.count} snapshot(s) collected, need at least {at_least}; "
+                "collect more snapshots first"
+            )
+
+    def variance(self) -> torch.Tensor:
+        r"""Diagonal variance :math:`\max(M_n / n, \text{min\_var})`."""
+        self._require(1)
+        return (self.m2 / self.count).clamp_(min=self.min_var)
+
+    def deviation_matrix(self) -> torch.Tensor:
+        """The ``K' x P`` deviations held, oldest first, in the buffer's dtype (a copy)."""
+        self._require(1)
+        k = self.num_deviations
+        if k < self.rank:
+            return self.deviations[:k].clone()
+        return torch.roll(self.deviations, -self._head, dims=0)
+
+    # ------------------------------------------------------------- persistence
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"count": self.count, "head": self._head, "rank": self.rank, "min_var": self.min_var}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.count = int(state["count"])
+        self._head = int(state["head"])
+        self.min_var = float(state["min_var"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None and int(extra["rank"]) != self.rank:
+            raise ValueError(
+                f"cannot load moments of rank={extra['rank']} into a collector of "
+                f"rank={self.rank}; construct it with rank={extra['rank']}"
+            )
+        mean = state_dict.get(prefix + "mean")
+        if mean is not None:
+            if self.mean is not None and mean.shape != self.mean.shape:
+                raise ValueError(
+                    f"cannot load moments of {mean.numel()} parameters into moments of "
+                    f"{self.mean.numel()}; the checkpoint belongs to another model"
+                )
+            if self.mean is None:
+                dev = state_dict[prefix + "deviations"]
+                self.deviation_dtype = self.deviation_dtype or dev.dtype
+                self._allocate(mean.numel(), mean.dtype, self.device or mean.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
