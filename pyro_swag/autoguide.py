@@ -22,7 +22,8 @@ with ``scale`` :math:`s` (1 in the paper). SWAG-Diag is
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyro.distributions as dist
 import torch
@@ -47,25 +48,6 @@ def _check_layout(expected: list, found: list, what: str) -> None:
             f"the model's latent structure changed: {what} has sites {expected} but the model "
             f"now has {found}; use the model the {what} was built from"
         )
-
-
-def _setup_continuous(guide: AutoContinuous, *args, **kwargs) -> None:
-    """Run ``AutoContinuous._setup_prototype``, naming any discrete latent site."""
-    try:
-        AutoContinuous._setup_prototype(guide, *args, **kwargs)
-    except NotImplementedError as err:
-        trace = guide.prototype_trace
-        discrete = [
-            name
-            for name, site in (trace.iter_stochastic_nodes() if trace is not None else [])
-            if site["fn"].support.is_discrete
-        ]
-        if not discrete:
-            raise
-        raise ValueError(
-            f"{type(guide).__name__} needs continuous latent sites, but {discrete} are "
-            "discrete; marginalise them out (config_enumerate + TraceEnum_ELBO) or observe them"
-        ) from err
 
 
 class SWAGCollector(AutoLaplaceApproximation):
@@ -106,7 +88,7 @@ class SWAGCollector(AutoLaplaceApproximation):
         self.moments = moments
 
     def _setup_prototype(self, *args, **kwargs) -> None:
-        _setup_continuous(self, *args, **kwargs)
+        super()._setup_prototype(*args, **kwargs)
         self.loc = torch.nn.Parameter(self._init_loc())
 
     def _require_setup(self, what: str) -> None:
@@ -137,7 +119,11 @@ class SWAGCollector(AutoLaplaceApproximation):
         if latent is None:
             latent = loc
         else:
-            self.moments.check(latent, "latent")
+            if not isinstance(latent, torch.Tensor):
+                raise TypeError(
+                    f"latent must be a torch.Tensor, got {type(latent).__name__}; "
+                    "pass a flat unconstrained latent vector"
+                )
             if latent.shape != loc.shape:
                 raise ValueError(
                     f"latent has shape {tuple(latent.shape)}, expected ({loc.numel()},), "
@@ -155,7 +141,7 @@ class SWAGCollector(AutoLaplaceApproximation):
                 )
         self.moments.update(latent)
 
-    def swag_guide(self, scale: float = 1.0, diagonal: bool = False) -> "SWAGGuide":
+    def swag_guide(self, scale: float = 1.0, diagonal: bool = False) -> SWAGGuide:
         """Freeze the collected moments into a :class:`SWAGGuide` (a copy)."""
         self._require_setup("swag_guide()")
         if self.num_snapshots < 2:
@@ -267,7 +253,8 @@ class SWAGGuide(AutoContinuous):
         return prototype_hide_fn(msg) or bool(names and msg["name"] not in names)
 
     def _setup_prototype(self, *args, **kwargs) -> None:
-        _setup_continuous(self, *args, **kwargs)
+        with torch.random.fork_rng():  # setting up must not shift the user's random stream
+            super()._setup_prototype(*args, **kwargs)
         if self.layout is not None:
             _check_layout(self.layout, _layout(self), "SWAG guide")
         if self.latent_dim != self.loc.numel():
@@ -313,7 +300,7 @@ class SWAGGuide(AutoContinuous):
         self.layout = state["layout"]
 
     @classmethod
-    def from_state_dict(cls, model: Callable, state_dict: dict[str, Any]) -> "SWAGGuide":
+    def from_state_dict(cls, model: Callable, state_dict: dict[str, Any]) -> SWAGGuide:
         """Rebuild a guide saved with ``torch.save(guide.state_dict(), path)``.
 
         Load the file with ``torch.load(path, weights_only=True)``.

@@ -11,7 +11,7 @@ so minibatches scale the likelihood by :math:`N / B`::
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pyro
 import pyro.distributions as dist
@@ -87,7 +87,8 @@ class BayesianMLP(PyroModule):
             self._initial[f"layers.{i}.weight"] = layer.weight.detach().clone()
             self._initial[f"layers.{i}.bias"] = layer.bias.detach().clone()
             layer.weight = PyroSample(
-                dist.Normal(0.0, prior_scale).expand([layer.out_features, layer.in_features])
+                dist.Normal(0.0, prior_scale)
+                .expand([layer.out_features, layer.in_features])
                 .to_event(2)
             )
             layer.bias = PyroSample(
