@@ -1,0 +1,503 @@
+r"""Fast posterior predictive: all S draws of a Pyro model in one vectorized pass.
+
+The model is evaluated for a whole chunk of posterior draws at once with
+:func:`torch.func.vmap` over ``poutine.trace(poutine.condition(model, draw))``, so
+``PyroModule[nn.Linear]`` layers with ``PyroSample`` weights work unchanged (Pyro's own
+``Predictive(parallel=True)`` fails on them). Inside the vectorized pass the sites to
+predict (sample sites that are neither conditioned nor observed, e.g. ``"obs"`` called with
+``obs=None``) are not sampled: their distributions are recorded, and afterwards each draw's
+distribution is rebuilt and sampled in the order sequential ``pyro.infer.Predictive`` uses.
+With the same seed and the same posterior draws the outputs therefore equal sequential
+``Predictive``'s (the random draws bit for bit, network outputs to float rounding).
+
+Assumption of the vectorized path: a predicted site's *value* is not used later in the
+model (true of likelihood sites); models that feed sampled values forward, or draw their
+own randomness (``torch.randn``, dropout), fall back to the sequential path with a warning.
+
+Output format is that of ``MCMC.get_samples()``: ``{site: tensor (S, *site_shape)}``
+(Pyro's ``Predictive`` inserts singleton plate dims, ``(S, 1, *site_shape)``, for latents
+of models with plates).
+
+The latent draws of an :class:`~pyro.infer.autoguide.AutoContinuous` guide live in the
+unconstrained space :math:`\theta \in \mathbb{R}^P`; site values are
+:math:`z = T(\theta)` with :math:`T` = ``biject_to(support)`` per site, and the density of
+the unconstrained vector is
+
+.. math::
+
+    \log p_\theta(\theta \mid \mathcal{D}) = \log p(z, \mathcal{D})
+        + \log\left|\det \partial T(\theta) / \partial \theta\right| + \text{const},
+
+which :func:`log_joint` returns (``log_p - guide.get_posterior().log_prob(theta)`` are
+then valid importance log-weights).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.infer import Predictive
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import prune_subsample_sites
+from torch.distributions import Distribution, biject_to
+from torch.distributions.transforms import Transform
+
+__all__ = ["log_joint", "log_likelihood", "predictive", "sample_latents", "unpack_latents"]
+
+
+# ----------------------------------------------------------------------------- latents
+def _require_continuous(guide: Any, what: str) -> None:
+    if not (hasattr(guide, "_unconstrained_shapes") and hasattr(guide, "get_posterior")):
+        raise TypeError(
+            f"{what} needs an AutoContinuous guide (SWAGGuide, AutoLowRankMultivariateNormal, "
+            f"AutoLaplaceApproximation, ...), got guide={type(guide).__name__}; for other "
+            "guides use predictive(model, guide, ...) which runs the guide itself"
+        )
+    if getattr(guide, "prototype_trace", None) is None:
+        raise RuntimeError(
+            f"{what}: guide={type(guide).__name__} has not been set up; call "
+            "guide(*model_args) once, or pass the model arguments to sample_latents"
+        )
+
+
+def sample_latents(guide: Any, num_samples: int, *args, **kwargs) -> torch.Tensor:
+    """Draw unconstrained latent vectors from a guide's posterior in one batched op.
+
+    Parameters
+    ----------
+    guide : AutoContinuous
+        Any guide with ``get_posterior()`` (SWAGGuide, AutoLowRankMultivariateNormal, ...).
+    num_samples : int
+        Number of draws ``S``.
+    *args, **kwargs
+        Model arguments; used to set the guide up if it has never run, and passed to
+        ``get_posterior``.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape (S, P), on the guide's device and dtype.
+    """
+    _check_positive_int(num_samples, "num_samples")
+    if getattr(guide, "prototype_trace", None) is None and hasattr(guide, "_setup_prototype"):
+        guide._setup_prototype(*args, **kwargs)
+    _require_continuous(guide, "sample_latents")
+    with torch.no_grad():
+        return guide.get_posterior(*args, **kwargs).sample((num_samples,))
+
+
+def _unpack(guide: Any, latents: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Constrained site values and the summed log|Jacobian| of ``biject_to``, per draw."""
+    _require_continuous(guide, "unpack_latents")
+    if not torch.is_tensor(latents) or latents.dim() != 2:
+        shape = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+        raise ValueError(f"latents must be a tensor of shape (S, P), got {shape}")
+    total = sum(_numel(s) for s in guide._unconstrained_shapes.values())
+    if latents.shape[-1] != total:
+        raise ValueError(
+            f"latents has {latents.shape[-1]} columns but the guide's latent size is {total}; "
+            "draw them with sample_latents(guide, S)"
+        )
+    num = latents.shape[0]
+    values, logdet, pos = {}, latents.new_zeros(num), 0
+    for name, shape in guide._unconstrained_shapes.items():
+        site = guide.prototype_trace.nodes[name]
+        size = _numel(shape)
+        u = latents[:, pos : pos + size].reshape((num,) + tuple(shape))
+        pos += size
+        transform = biject_to(site["fn"].support)
+        z = transform(u)
+        ld = torch.as_tensor(transform.log_abs_det_jacobian(u, z), dtype=latents.dtype)
+        logdet = logdet + ld.expand(num, *ld.shape[1:]).reshape(num, -1).sum(-1)
+        values[name] = z
+    return values, logdet
+
+
+def unpack_latents(guide: Any, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Map unconstrained draws (S, P) to constrained site values ``{site: (S, *shape)}``.
+
+    Parameters
+    ----------
+    guide : AutoContinuous
+        A set-up guide (it has run once) whose layout the columns of ``latents`` follow.
+    latents : torch.Tensor
+        Unconstrained draws, e.g. from :func:`sample_latents`.
+    """
+    return _unpack(guide, latents)[0]
+
+
+# ------------------------------------------------------------- distribution flattening
+def _flatten(obj: Any, out: list) -> tuple:
+    """Describe ``obj`` (a distribution, possibly nested) with its tensors moved to ``out``."""
+    if torch.is_tensor(obj):
+        out.append(obj)
+        return ("t", len(out) - 1)
+    if isinstance(obj, (Distribution, Transform)):
+        state = {k: _flatten(v, out) for k, v in vars(obj).items() if k != "_inv"}
+        return ("o", type(obj), state)
+    if type(obj) in (list, tuple):
+        return ("l", type(obj), [_flatten(v, out) for v in obj])
+    if type(obj) is dict:
+        return ("d", {k: _flatten(v, out) for k, v in obj.items()})
+    return ("v", obj)
+
+
+def _rebuild(spec: tuple, tensors: Sequence[torch.Tensor], i: int) -> Any:
+    """The object described by ``spec`` for draw ``i`` of the stacked ``tensors``."""
+    kind = spec[0]
+    if kind == "t":
+        return tensors[spec[1]][i]
+    if kind == "o":
+        obj = object.__new__(spec[1])
+        obj.__dict__.update({k: _rebuild(v, tensors, i) for k, v in spec[2].items()})
+        if isinstance(obj, Transform):
+            obj._inv = None
+        return obj
+    if kind == "l":
+        return spec[1](_rebuild(v, tensors, i) for v in spec[2])
+    if kind == "d":
+        return {k: _rebuild(v, tensors, i) for k, v in spec[1].items()}
+    return spec[1]
+
+
+class _DeferSampling(Messenger):
+    """Record, instead of sampling, sites that are neither conditioned nor observed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: list[dict] = []
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["value"] is not None or msg["is_observed"] or msg["done"]:
+            return
+        fn = msg["fn"]
+        self.sites.append(msg)
+        shape = tuple(msg["kwargs"].get("sample_shape", ())) + tuple(fn.batch_shape)
+        ref = next((v for v in vars(fn).values() if torch.is_tensor(v)), None)
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
+        msg["value"] = torch.full(
+            shape + tuple(fn.event_shape),
+            float("nan"),
+            dtype=dtype or torch.get_default_dtype(),
+            device=ref.device if ref is not None else None,
+        )
+
+
+# ----------------------------------------------------------------------- helpers
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _check_positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+
+
+def _num_draws(samples: dict[str, torch.Tensor], name: str) -> int:
+    if not isinstance(samples, dict) or not samples:
+        raise ValueError(f"{name} must be a non-empty dict {{site: tensor (S, ...)}}")
+    sizes = {k: v.shape[0] if torch.is_tensor(v) and v.dim() else None for k, v in samples.items()}
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        raise ValueError(
+            f"{name} must hold tensors with one common leading draw dimension S, got "
+            f"leading sizes {sizes}"
+        )
+    return next(iter(sizes.values()))
+
+
+def _chunks(num: int, chunk_size: int | None) -> list[slice]:
+    if chunk_size is None:
+        return [slice(0, num)]
+    _check_positive_int(chunk_size, "chunk_size")
+    return [slice(a, min(a + chunk_size, num)) for a in range(0, num, chunk_size)]
+
+
+def _run_vmapped(model: Callable, values: dict, args: tuple, kwargs: dict, body: Callable):
+    """``vmap`` of ``body(trace, deferred_sites, return_value)`` over a dict of draws."""
+    names = list(values)
+
+    def one(*vals):
+        defer = _DeferSampling()
+        with poutine.trace() as tracer, defer:
+            ret = poutine.condition(model, dict(zip(names, vals)))(*args, **kwargs)
+        return body(tracer.trace, defer.sites, ret)
+
+    with torch.no_grad(), pyro.validation_enabled(False):
+        return torch.func.vmap(one, randomness="error")(*[values[k] for k in names])
+
+
+def _prototype(model: Callable, args: tuple, kwargs: dict):
+    """Trace the model once with prior draws, consuming the RNG as ``Predictive`` does."""
+    init_model = InitMessenger(init_to_sample)(model)
+    with torch.no_grad():
+        # Predictive runs the model twice before drawing (plate nesting guess + shape
+        # trace); doing the same keeps seeded draws identical to it.
+        with poutine.block():
+            poutine.trace(init_model).get_trace(*args, **kwargs)
+        return prune_subsample_sites(poutine.trace(init_model).get_trace(*args, **kwargs))
+
+
+def _map_draws(model, values, args, kwargs, body, chunk_size, what) -> list[torch.Tensor]:
+    """Stack ``body``'s tensors over all draws: vmap per chunk, or a loop as fallback."""
+    num = _num_draws(values, "samples")
+    try:
+        parts = [
+            _run_vmapped(model, {k: v[c] for k, v in values.items()}, args, kwargs, body)
+            for c in _chunks(num, chunk_size)
+        ]
+        return [torch.cat(p) for p in zip(*parts)]
+    except (RuntimeError, NotImplementedError, TypeError, IndexError) as err:
+        _warn_fallback(what, err)
+    rows = []
+    with torch.no_grad():
+        for i in range(num):
+            defer = _DeferSampling()
+            with poutine.trace() as tracer, defer:
+                ret = poutine.condition(model, {k: v[i] for k, v in values.items()})(
+                    *args, **kwargs
+                )
+            rows.append(body(tracer.trace, defer.sites, ret))
+    return [torch.stack(r) for r in zip(*rows)]
+
+
+def _warn_fallback(what: str, err: BaseException) -> None:
+    warnings.warn(
+        f"{what}: the model could not be vectorized over draws ({type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else ''}); using the sequential path",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _select_sites(trace, return_sites, given: dict, all_by_default: bool) -> list[str]:
+    known = trace.stochastic_nodes + trace.observation_nodes
+    if return_sites is None:
+        return known if all_by_default else [s for s in known if s not in given]
+    if isinstance(return_sites, str) or not isinstance(return_sites, (list, tuple, set)):
+        raise TypeError(f"return_sites must be a list of site names, got {return_sites!r}")
+    unknown = sorted(set(return_sites) - set(known) - {"_RETURN"})
+    if unknown:
+        raise ValueError(f"return_sites has {unknown}, not sample sites of the model {known}")
+    return [s for s in known if s in return_sites] + (
+        ["_RETURN"] if "_RETURN" in return_sites else []
+    )
+
+
+def _guide_draws(guide, num_samples, args, kwargs) -> dict[str, torch.Tensor]:
+    """Constrained latent draws ``{site: (S, ...)}`` from any guide."""
+    if hasattr(guide, "_unconstrained_shapes") and hasattr(guide, "get_posterior"):
+        return unpack_latents(guide, sample_latents(guide, num_samples, *args, **kwargs))
+    try:
+        return Predictive(guide, num_samples=num_samples, return_sites=None, parallel=True)(
+            *args, **kwargs
+        )
+    except (RuntimeError, ValueError, NotImplementedError) as err:
+        _warn_fallback("predictive (guide)", err)
+    return Predictive(guide, num_samples=num_samples, return_sites=None)(*args, **kwargs)
+
+
+def predictive(
+    model: Callable,
+    guide: Callable | None = None,
+    *args,
+    num_samples: int = 100,
+    posterior_samples: dict[str, torch.Tensor] | None = None,
+    return_sites: Sequence[str] | None = None,
+    chunk_size: int | None = None,
+    parallel: bool = True,
+    **kwargs,
+) -> dict[str, torch.Tensor]:
+    """Posterior predictive draws of a Pyro model, vectorized over the S draws.
+
+    Parameters
+    ----------
+    model : callable
+        The Pyro model (``PyroModule`` BNNs included).
+    guide : callable, optional
+        A guide; AutoContinuous guides (SWAGGuide, AutoLowRankMultivariateNormal, ...) are
+        sampled in one batched op, other guides (AutoNormal, ...) through Pyro's
+        ``Predictive``. Give either ``guide`` or ``posterior_samples``.
+    *args, **kwargs
+        Model arguments (e.g. ``x``).
+    num_samples : int
+        Number of draws ``S`` when a guide is given.
+    posterior_samples : dict, optional
+        Constrained latent draws ``{site: (S, *site_shape)}``, e.g. ``MCMC.get_samples()``.
+    return_sites : list of str, optional
+        Sites to return (``"_RETURN"`` for the model's return value). Default as Pyro's
+        ``Predictive``: every sample site with a guide, else the sites not in
+        ``posterior_samples``.
+    chunk_size : int, optional
+        Draws evaluated together; bounds peak memory (default: all at once).
+    parallel : bool
+        ``False`` runs sequential ``pyro.infer.Predictive`` (the reference path).
+
+    Returns
+    -------
+    dict
+        ``{site: tensor (S, *site_shape)}``.
+    """
+    if (guide is None) == (posterior_samples is None):
+        raise ValueError("give exactly one of guide=... or posterior_samples=...")
+    if guide is not None:
+        _check_positive_int(num_samples, "num_samples")
+        values = _guide_draws(guide, num_samples, args, kwargs)
+    else:
+        values = posterior_samples
+    num = _num_draws(values, "posterior_samples")
+    if chunk_size is not None:
+        _check_positive_int(chunk_size, "chunk_size")
+    rng = pyro.util.get_rng_state()
+    proto = _prototype(model, args, kwargs)
+    sites = _select_sites(proto, return_sites, values, guide is not None)
+    values = {
+        k: v.reshape((num,) + proto.nodes[k]["value"].shape)
+        for k, v in values.items()
+        if k in proto.nodes and proto.nodes[k]["type"] == "sample"
+    }
+    if parallel:
+        try:
+            return _predict_vectorized(model, values, sites, args, kwargs, chunk_size)
+        except (RuntimeError, NotImplementedError, TypeError, IndexError) as err:
+            _warn_fallback("predictive", err)
+    pyro.util.set_rng_state(rng)
+    out = Predictive(model, posterior_samples=values, return_sites=sites)(*args, **kwargs)
+    return {
+        k: v if k == "_RETURN" else v.reshape((num,) + proto.nodes[k]["value"].shape)
+        for k, v in out.items()
+    }
+
+
+def _predict_vectorized(model, values, sites, args, kwargs, chunk_size) -> dict:
+    num = next(iter(values.values())).shape[0]
+    spec: dict[str, Any] = {}
+
+    def body(trace, deferred, ret):
+        flat: list[torch.Tensor] = []
+        spec["deferred"] = [
+            (m["name"], _flatten((m["fn"], m["args"], m["kwargs"]), flat)) for m in deferred
+        ]
+        names = {m["name"] for m in deferred}
+        spec["fixed"] = [s for s in sites if s not in names]
+        fixed = [ret if s == "_RETURN" else trace.nodes[s]["value"] for s in spec["fixed"]]
+        return tuple(fixed), tuple(flat)
+
+    out: dict[str, list] = {s: [] for s in sites}
+    for c in _chunks(num, chunk_size):
+        fixed, flat = _run_vmapped(model, {k: v[c] for k, v in values.items()}, args, kwargs, body)
+        for name, value in zip(spec["fixed"], fixed):
+            if value.is_floating_point() and torch.isnan(value).any():
+                raise RuntimeError(f"site {name!r} depends on a predicted site's value")
+            out[name].append(value)
+        with torch.no_grad():
+            for i in range(c.stop - c.start):
+                for name, s in spec["deferred"]:
+                    fn, fn_args, fn_kwargs = _rebuild(s, flat, i)
+                    value = fn(*fn_args, **fn_kwargs)
+                    if name in out:
+                        out[name].append(value.unsqueeze(0))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def log_likelihood(
+    model: Callable,
+    samples: dict[str, torch.Tensor],
+    *args,
+    chunk_size: int | None = None,
+    **kwargs,
+) -> dict[str, torch.Tensor]:
+    """Pointwise log-likelihood ``log p(y_n | z_s)`` of every observed site, per draw.
+
+    Parameters
+    ----------
+    model : callable
+        The Pyro model; observed data go in ``args``/``kwargs`` (e.g. ``x, y``).
+    samples : dict
+        Constrained latent draws ``{site: (S, *site_shape)}``.
+    chunk_size : int, optional
+        Draws evaluated together.
+
+    Returns
+    -------
+    dict
+        ``{observed_site: tensor (S, *batch_shape)}``, e.g. (S, N) for a data plate;
+        unscaled by subsampling, masked entries 0.
+    """
+    names: list[str] = []
+
+    def body(trace, deferred, ret):
+        names.clear()
+        out = []
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or not site["is_observed"] or name in samples:
+                continue
+            if site["infer"].get("_deterministic"):
+                continue
+            lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+            names.append(name)
+            out.append(scale_and_mask(lp, mask=site["mask"]))
+        return tuple(out)
+
+    stacked = _map_draws(model, samples, args, kwargs, body, chunk_size, "log_likelihood")
+    if not names:
+        raise ValueError("the model has no observed sites: pass the observed data (e.g. y=...)")
+    return dict(zip(names, stacked))
+
+
+def log_joint(
+    model: Callable,
+    guide: Any,
+    latents: torch.Tensor,
+    *args,
+    chunk_size: int | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Log density of the unconstrained latent vector, per draw (module docstring).
+
+    ``log p(T(theta), data) + log|det J_T(theta)|``: the log joint of the model at the
+    constrained values (all sites, with plate scales and masks) plus the log-Jacobian of
+    the bijections. ``log_joint(...) - guide.get_posterior().log_prob(latents)`` are
+    importance log-weights.
+
+    Parameters
+    ----------
+    model, guide : callable
+        The model and the AutoContinuous guide whose layout ``latents`` follow.
+    latents : torch.Tensor
+        Unconstrained draws (S, P).
+    *args, **kwargs
+        Model arguments including the observed data.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape (S,).
+    """
+    values, logdet = _unpack(guide, latents)
+
+    def body(trace, deferred, ret):
+        if deferred:
+            raise ValueError(
+                f"log_joint: sites {[m['name'] for m in deferred]} are neither latents of "
+                "the guide nor observed; pass their data to the model"
+            )
+        total = latents.new_zeros(())
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or site["infer"].get("_deterministic"):
+                continue
+            lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+            total = total + scale_and_mask(lp, site["scale"], site["mask"]).sum()
+        return (total,)
+
+    (lp,) = _map_draws(model, values, args, kwargs, body, chunk_size, "log_joint")
+    return lp + logdet
