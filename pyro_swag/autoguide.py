@@ -230,6 +230,8 @@ class SWAGGuide(AutoContinuous):
         self.scale = scale
         self.diagonal = bool(diagonal)
         self.layout = layout
+        #: How ``scale`` was chosen (a plain dict from :mod:`pyro_swag.calibrate`), or None.
+        self.calibration: dict | None = None
 
     @property
     def scale(self) -> float:
@@ -292,12 +294,18 @@ class SWAGGuide(AutoContinuous):
 
     # ------------------------------------------------------------- persistence
     def get_extra_state(self) -> dict[str, Any]:
-        return {"scale": self.scale, "diagonal": self.diagonal, "layout": self.layout}
+        return {
+            "scale": self.scale,
+            "diagonal": self.diagonal,
+            "layout": self.layout,
+            "calibration": self.calibration,
+        }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.scale = state["scale"]
         self.diagonal = bool(state["diagonal"])
         self.layout = state["layout"]
+        self.calibration = state.get("calibration")
 
     @classmethod
     def from_state_dict(cls, model: Callable, state_dict: dict[str, Any]) -> SWAGGuide:
@@ -311,7 +319,7 @@ class SWAGGuide(AutoContinuous):
                 f"state_dict lacks {sorted(missing)}; pass the output of SWAGGuide.state_dict()"
             )
         extra = state_dict["_extra_state"]
-        return cls(
+        guide = cls(
             model,
             loc=state_dict["loc"],
             variance=state_dict["variance"],
@@ -320,3 +328,5 @@ class SWAGGuide(AutoContinuous):
             diagonal=extra["diagonal"],
             layout=[(n, tuple(s)) for n, s in extra["layout"]] if extra["layout"] else None,
         )
+        guide.calibration = extra.get("calibration")
+        return guide
