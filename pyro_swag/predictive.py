@@ -43,6 +43,7 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Predictive
+from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
@@ -54,7 +55,7 @@ __all__ = ["log_joint", "log_likelihood", "predictive", "sample_latents", "unpac
 
 # ----------------------------------------------------------------------------- latents
 def _require_continuous(guide: Any, what: str) -> None:
-    if not (hasattr(guide, "_unconstrained_shapes") and hasattr(guide, "get_posterior")):
+    if not isinstance(guide, AutoContinuous):
         raise TypeError(
             f"{what} needs an AutoContinuous guide (SWAGGuide, AutoLowRankMultivariateNormal, "
             f"AutoLaplaceApproximation, ...), got guide={type(guide).__name__}; for other "
@@ -177,6 +178,8 @@ class _DeferSampling(Messenger):
     def _pyro_sample(self, msg: dict) -> None:
         if msg["value"] is not None or msg["is_observed"] or msg["done"]:
             return
+        if not isinstance(msg["fn"], Distribution):  # e.g. a plate's subsample site
+            return
         fn = msg["fn"]
         self.sites.append(msg)
         shape = tuple(msg["kwargs"].get("sample_shape", ())) + tuple(fn.batch_shape)
@@ -295,7 +298,7 @@ def _select_sites(trace, return_sites, given: dict, all_by_default: bool) -> lis
 
 def _guide_draws(guide, num_samples, args, kwargs) -> dict[str, torch.Tensor]:
     """Constrained latent draws ``{site: (S, ...)}`` from any guide."""
-    if hasattr(guide, "_unconstrained_shapes") and hasattr(guide, "get_posterior"):
+    if isinstance(guide, AutoContinuous):
         return unpack_latents(guide, sample_latents(guide, num_samples, *args, **kwargs))
     try:
         return Predictive(guide, num_samples=num_samples, return_sites=None, parallel=True)(
