@@ -1,0 +1,344 @@
+r"""Choosing SWAG's covariance ``scale`` three ways, each returning the curve it optimised.
+
+For a SWAG guide :math:`q_s = \mathcal{N}(\mu, s\,\Sigma)` (``guide.scale`` :math:`= s`) one set
+of draws at the guide's current scale :math:`s_0` is reused for every scale (common random
+numbers), so each curve is a smooth deterministic function of :math:`s`:
+
+.. math::
+
+    \theta_j(s) = \mu + \sqrt{s / s_0}\,(\theta_j - \mu), \qquad
+    \log q_s(\theta_j(s)) = \log q_{s_0}(\theta_j) - \tfrac{D}{2}\log(s / s_0).
+
+The criteria, all in the unconstrained latent space (:math:`\log p` includes the Jacobian of
+the constraining transforms):
+
+* ``"validation"`` — log pointwise predictive density of held-out data,
+  :math:`\frac1n\sum_i \log \frac1S\sum_j p(y_i \mid \theta_j(s))` (the paper's way);
+* ``"elbo"`` — :math:`\mathrm{ELBO}(s) = \mathbb{E}_{q_s}[\log p(\theta, y)] + H[q_s]
+  = \log p(y) - \mathrm{KL}(q_s \,\|\, p(\theta \mid y))`, Monte Carlo in the first term,
+  exact entropy; needs no held-out data;
+* ``"psis"`` — Pareto-smoothed importance sampling of :math:`w = p(\theta, y) / q_s(\theta)`:
+  the chosen scale maximises the PSIS effective sample size among scales with Pareto
+  :math:`\hat k \le 0.7` (the smallest :math:`\hat k` if none qualifies).
+
+Each search evaluates a log-spaced grid, then refines around the best grid point by
+golden-section search in :math:`\log s` (``refine``). With ``apply=True`` (default) the chosen
+scale is set on the guide and the result recorded as ``guide.calibration`` (a plain dict,
+saved in the guide's ``state_dict`` and exported to DataTree attributes).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .autoguide import SWAGGuide
+from .predictive import log_joint, log_likelihood, sample_latents, unpack_latents
+
+__all__ = [
+    "Calibration",
+    "calibrate",
+    "calibrate_elbo",
+    "calibrate_psis",
+    "calibrate_validation",
+    "default_scales",
+]
+
+METHODS = ("validation", "elbo", "psis")
+KHAT_MAX = 0.7
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def default_scales() -> list[float]:
+    """The default grid: :math:`2^{-6}, 2^{-5.5}, \\dots, 2^{4}` (21 values)."""
+    return [2.0 ** (k / 2) for k in range(-12, 9)]
+
+
+@dataclass
+class Calibration:
+    """The scale chosen by one criterion and the curve it optimised.
+
+    Attributes
+    ----------
+    method : str
+        ``"validation"``, ``"elbo"`` or ``"psis"``.
+    scale : float
+        The chosen scale.
+    scales : list of float
+        Scales evaluated (grid plus refinement), increasing.
+    curve : dict of str to list of float
+        The criterion and its companions at each of ``scales``: ``log_likelihood``
+        (validation, nats per point); ``elbo`` and ``elbo_se`` (Monte Carlo standard error);
+        ``khat`` and ``ess`` (PSIS).
+    criterion : str
+        The key of ``curve`` that was optimised.
+    num_samples : int
+        Draws per scale.
+    initial_scale : float
+        The guide's scale before calibration.
+    """
+
+    method: str
+    scale: float
+    scales: list[float]
+    curve: dict[str, list[float]]
+    criterion: str
+    num_samples: int
+    initial_scale: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Plain Python (floats, lists, str) for ``state_dict`` and DataTree attributes."""
+        return asdict(self)
+
+    def best(self) -> float:
+        """The criterion's value at the chosen scale."""
+        return self.curve[self.criterion][self.scales.index(self.scale)]
+
+
+# ------------------------------------------------------------------ model evaluations
+def _pointwise_log_lik(model, guide, latents, *args, **kwargs) -> torch.Tensor:
+    """(S, n): log-likelihood of each data point, summed over the observed sites."""
+    out = log_likelihood(model, unpack_latents(guide, latents), *args, **kwargs)
+    return sum(v.reshape(v.shape[0], -1) for v in out.values())
+
+
+def _psis(log_p: torch.Tensor, log_q: torch.Tensor) -> tuple[float, float]:
+    """Pareto k-hat and PSIS effective sample size of ``exp(log_p - log_q)``."""
+    from .datatree import psis_diagnostic
+
+    out = psis_diagnostic(log_p, log_q)
+    if isinstance(out, dict):
+        return float(out["khat"]), float(out["ess"])
+    if isinstance(out, tuple):
+        return float(out[0]), float(out[1])
+    return float(out.khat), float(out.ess)
+
+
+# ------------------------------------------------------------------ search
+def _check(guide, scales, num_samples) -> list[float]:
+    if not isinstance(guide, SWAGGuide):
+        raise TypeError(
+            f"guide must be a SWAGGuide (a Gaussian with a settable scale), got "
+            f"{type(guide).__name__}; make one with collector.swag_guide()"
+        )
+    if not (isinstance(num_samples, int) and num_samples >= 2):
+        raise ValueError(f"num_samples must be an int >= 2, got num_samples={num_samples!r}")
+    scales = default_scales() if scales is None else [float(s) for s in scales]
+    if not scales or not all(0 < s < math.inf for s in scales):
+        raise ValueError(
+            f"scales must be a non-empty list of positive finite numbers, got scales={scales}"
+        )
+    return sorted(set(scales))
+
+
+def _search(objective: Callable[[float], float], scales: list[float], refine: bool, iters: int):
+    """Maximise ``objective`` over ``scales``, then golden-section in log s around the best.
+
+    Returns the best scale and ``{scale: value}`` of every evaluation.
+    """
+    values: dict[float, float] = {}
+
+    def f(s: float) -> float:
+        if s not in values:
+            values[s] = objective(s)
+        return values[s]
+
+    def best() -> float:
+        finite = {s: v for s, v in values.items() if math.isfinite(v)}
+        if not finite:
+            raise RuntimeError(
+                "the calibration criterion is not finite at any scale; check the model and data"
+            )
+        return max(finite, key=finite.get)
+
+    for s in scales:
+        f(s)
+    i = scales.index(best())
+    if refine and 0 < i < len(scales) - 1:
+        lo, hi = math.log(scales[i - 1]), math.log(scales[i + 1])
+        a, b = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
+        for _ in range(iters):
+            if f(math.exp(a)) >= f(math.exp(b)):
+                hi, b = b, a
+                a = hi - _GOLDEN * (hi - lo)
+            else:
+                lo, a = a, b
+                b = lo + _GOLDEN * (hi - lo)
+    return best(), dict(sorted(values.items()))
+
+
+class _Draws:
+    """Common random numbers: draws at the guide's scale, rescaled about ``guide.loc``."""
+
+    def __init__(self, guide: SWAGGuide, num_samples: int, args, kwargs) -> None:
+        self.s0 = guide.scale
+        self.base = sample_latents(guide, num_samples, *args, **kwargs)
+        with torch.no_grad():
+            q = guide.get_posterior()
+            self.log_q0 = q.log_prob(self.base)
+            self.entropy0 = float(q.entropy())
+        self.loc = guide.loc
+        self.dim = guide.loc.numel()
+
+    def at(self, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+        ratio = s / self.s0
+        latents = self.loc + math.sqrt(ratio) * (self.base - self.loc)
+        return latents, self.log_q0 - 0.5 * self.dim * math.log(ratio)
+
+    def entropy(self, s: float) -> float:
+        return self.entropy0 + 0.5 * self.dim * math.log(s / self.s0)
+
+
+def _finish(guide, result: Calibration, apply: bool) -> Calibration:
+    if apply:
+        guide.scale = result.scale
+        guide.calibration = result.to_dict()
+    return result
+
+
+def calibrate_validation(
+    model: Callable,
+    guide: SWAGGuide,
+    *args,
+    scales: list[float] | None = None,
+    num_samples: int = 100,
+    refine: bool = True,
+    refine_iters: int = 6,
+    apply: bool = True,
+    **kwargs,
+) -> Calibration:
+    """Choose the scale maximising the held-out log predictive density per point.
+
+    Parameters
+    ----------
+    model : callable
+        The Pyro model.
+    guide : SWAGGuide
+        The SWAG posterior; its scale is changed when ``apply``.
+    *args, **kwargs
+        Validation data as the model takes it, observations included, e.g. ``x_val, y_val``.
+    scales : list of float, optional
+        Grid of scales (default :func:`default_scales`).
+    num_samples : int
+        Posterior draws, shared by all scales.
+    refine : bool
+        Golden-section refinement between the best grid point's neighbours.
+    refine_iters : int
+        Refinement steps.
+    apply : bool
+        Set ``guide.scale`` and ``guide.calibration``.
+
+    Returns
+    -------
+    Calibration
+        ``curve["log_likelihood"]`` in nats per validation point.
+    """
+    grid = _check(guide, scales, num_samples)
+    draws = _Draws(guide, num_samples, args, kwargs)
+
+    def lppd(s: float) -> float:
+        latents, _ = draws.at(s)
+        with torch.no_grad():
+            ll = _pointwise_log_lik(model, guide, latents, *args, **kwargs)
+        return float((ll.logsumexp(0) - math.log(ll.shape[0])).mean())
+
+    chosen, values = _search(lppd, grid, refine, refine_iters)
+    curve = {"log_likelihood": list(values.values())}
+    result = Calibration(
+        "validation", chosen, list(values), curve, "log_likelihood", num_samples, draws.s0
+    )
+    return _finish(guide, result, apply)
+
+
+def calibrate_elbo(
+    model: Callable,
+    guide: SWAGGuide,
+    *args,
+    scales: list[float] | None = None,
+    num_samples: int = 100,
+    refine: bool = True,
+    refine_iters: int = 6,
+    apply: bool = True,
+    **kwargs,
+) -> Calibration:
+    """Choose the scale maximising the ELBO of the SWAG Gaussian (no held-out data).
+
+    ``*args, **kwargs`` are the *training* data as the model takes them (the full data set,
+    not a minibatch, so that :math:`\\log p(\\theta, y)` is the whole joint). Other
+    parameters as in :func:`calibrate_validation`; ``curve`` holds ``elbo`` and its Monte
+    Carlo standard error ``elbo_se`` (the entropy term is exact).
+    """
+    grid = _check(guide, scales, num_samples)
+    draws = _Draws(guide, num_samples, args, kwargs)
+    se: dict[float, float] = {}
+
+    def elbo(s: float) -> float:
+        latents, _ = draws.at(s)
+        with torch.no_grad():
+            lp = log_joint(model, guide, latents, *args, **kwargs)
+        se[s] = float(lp.std() / math.sqrt(lp.numel()))
+        return float(lp.mean()) + draws.entropy(s)
+
+    chosen, values = _search(elbo, grid, refine, refine_iters)
+    curve = {"elbo": list(values.values()), "elbo_se": [se[s] for s in values]}
+    result = Calibration("elbo", chosen, list(values), curve, "elbo", num_samples, draws.s0)
+    return _finish(guide, result, apply)
+
+
+def calibrate_psis(
+    model: Callable,
+    guide: SWAGGuide,
+    *args,
+    scales: list[float] | None = None,
+    num_samples: int = 200,
+    apply: bool = True,
+    **kwargs,
+) -> Calibration:
+    """Choose the scale with the largest PSIS effective sample size of ``p / q``.
+
+    Among scales whose Pareto :math:`\\hat k \\le 0.7`, the one with the largest PSIS ESS;
+    if none qualifies, the one with the smallest :math:`\\hat k` (with a warning: then no
+    scale makes the Gaussian a reliable proposal). ``*args, **kwargs`` are the training
+    data, as in :func:`calibrate_elbo`; the grid is not refined (:math:`\\hat k` is not
+    smooth in the scale). ``curve`` holds ``khat`` and ``ess`` (draws, out of
+    ``num_samples``).
+    """
+    grid = _check(guide, scales, num_samples)
+    draws = _Draws(guide, num_samples, args, kwargs)
+    khat, ess = [], []
+    for s in grid:
+        latents, log_q = draws.at(s)
+        with torch.no_grad():
+            log_p = log_joint(model, guide, latents, *args, **kwargs)
+        k, e = _psis(log_p, log_q)
+        khat.append(k)
+        ess.append(e if math.isfinite(e) else 0.0)
+    ok = [i for i, k in enumerate(khat) if k <= KHAT_MAX]
+    if ok:
+        i = max(ok, key=lambda j: ess[j])
+    else:
+        i = min(range(len(grid)), key=lambda j: khat[j] if math.isfinite(khat[j]) else math.inf)
+        warnings.warn(
+            f"no scale gives Pareto k-hat <= {KHAT_MAX} (smallest {khat[i]:.2f} at scale "
+            f"{grid[i]:.3g}): the SWAG Gaussian is a poor importance proposal for this posterior",
+            stacklevel=2,
+        )
+    curve = {"khat": khat, "ess": ess}
+    result = Calibration("psis", grid[i], grid, curve, "ess", num_samples, draws.s0)
+    return _finish(guide, result, apply)
+
+
+def calibrate(model: Callable, guide: SWAGGuide, *args, method: str = "elbo", **kwargs):
+    """Dispatch to :func:`calibrate_validation`, :func:`calibrate_elbo` or :func:`calibrate_psis`.
+
+    ``method="validation"`` needs held-out data as ``*args``; the others the training data.
+    """
+    funcs = {"validation": calibrate_validation, "elbo": calibrate_elbo, "psis": calibrate_psis}
+    if method not in funcs:
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    return funcs[method](model, guide, *args, **kwargs)
