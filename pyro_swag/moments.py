@@ -16,7 +16,8 @@ row SWAG stores: with :math:`\delta = \theta_n - \mu_{n-1}`,
 
     \mu_n = \mu_{n-1} + \delta / n, \qquad
     d_n = \theta_n - \mu_n = \delta (n - 1) / n, \qquad
-    M_n = M_{n-1} + \delta \, d_n, \qquad \Sigma_{\rm diag} = M_n / n .
+    M_n = M_{n-1} + \delta \, d_n = M_{n-1} + \tfrac{n}{n-1} d_n^2, \qquad
+    \Sigma_{\rm diag} = M_n / n .
 
 Unlike the textbook :math:`\overline{\theta^2} - \mu^2`, this keeps its digits in float32
 when the spread is tiny compared with the mean. Deviations live in a preallocated
@@ -116,7 +117,8 @@ class SWAGMoments(nn.Module):
                     f"{name} has dtype={theta.dtype} but the collected snapshots have "
                     f"dtype={self.mean.dtype}; convert it with .to({self.mean.dtype})"
                 )
-        if not bool(torch.isfinite(theta).all()):
+        # A finite sum proves every entry finite, in one pass and without a temporary.
+        if not torch.isfinite(theta.sum()) and not bool(torch.isfinite(theta).all()):
             raise ValueError(
                 f"{name} contains NaN or Inf; the trajectory diverged (lower the learning "
                 "rate or clip gradients); nothing was collected"
@@ -136,13 +138,12 @@ class SWAGMoments(nn.Module):
             self.mean.copy_(theta)
             return
         row = self.deviations[self._head]
-        delta = row if row.dtype == theta.dtype else torch.empty_like(theta)
-        torch.sub(theta, self.mean, out=delta)  # delta = theta - mu_{n-1}
-        self.mean.add_(delta, alpha=1.0 / n)
-        self.m2.addcmul_(delta, delta, value=(n - 1) / n)  # += delta * d_n
-        delta.mul_((n - 1) / n)  # d_n = theta - mu_n
-        if delta is not row:
-            row.copy_(delta)
+        dev = row if row.dtype == theta.dtype else torch.empty_like(theta)
+        self.mean.lerp_(theta, 1.0 / n)  # mu_n = mu_{n-1} + (theta - mu_{n-1}) / n
+        torch.sub(theta, self.mean, out=dev)  # d_n = theta - mu_n
+        self.m2.addcmul_(dev, dev, value=n / (n - 1))  # += delta * d_n, delta = d_n n / (n-1)
+        if dev is not row:
+            row.copy_(dev)
         self._head = (self._head + 1) % self.rank
 
     # ---------------------------------------------------------------- results
