@@ -1,0 +1,251 @@
+r"""MultiSWAG: a mixture of independent SWAG runs as one Pyro guide.
+
+Several SWAG runs of the same model (different seeds or initialisations) give Gaussians
+:math:`q_r = \mathcal{N}(\mu_r, \Sigma_r)` over the unconstrained latent vector; MultiSWAG
+(Wilson & Izmailov 2020) is their mixture
+
+.. math::
+
+    q(\theta) = \sum_{r=1}^{R} \pi_r\, q_r(\theta), \qquad \sum_r \pi_r = 1,
+
+with equal weights :math:`\pi_r = 1/R` by default. :class:`MultiSWAG` is an
+:class:`~pyro.infer.autoguide.AutoContinuous`, so it works in ``pyro.infer.Predictive``;
+:meth:`MultiSWAG.sample_chains` draws each run separately, which
+:func:`pyro_swag.datatree.to_datatree` exports as one chain per run (R-hat across chains
+then says whether the runs found the same mode).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide.guides import prototype_hide_fn
+from tqdm.auto import tqdm
+
+from .autoguide import SWAGGuide
+
+__all__ = ["MultiSWAG", "fit_runs"]
+
+
+def _component_parts(guide: SWAGGuide) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loc, cov_factor (P, K'), cov_diag)`` with the covariance of ``guide.get_posterior()``."""
+    loc = guide.loc
+    if guide.diagonal:
+        return loc, loc.new_zeros(loc.numel(), 0), guide.scale * guide.variance
+    factor = guide.cov_factor() if guide.rank else loc.new_zeros(loc.numel(), 0)
+    return loc, factor.to(loc.dtype), guide.scale * guide.variance / 2
+
+
+class MultiSWAG(AutoContinuous):
+    """Mixture of SWAG Gaussians, one component per independent run.
+
+    Parameters
+    ----------
+    guides : sequence of SWAGGuide
+        Fitted runs of the same model (same latent layout). Their ``scale`` and
+        ``diagonal`` settings are read once, here. Runs of different rank are allowed:
+        the smaller low-rank factors are padded with zero columns, which leaves each
+        component's covariance unchanged.
+    weights : sequence of float or torch.Tensor, optional
+        Positive mixture weights (normalised here); equal by default.
+    model : callable, optional
+        The model; defaults to ``guides[0].model``.
+    """
+
+    def __init__(
+        self,
+        guides: Sequence[SWAGGuide],
+        weights: Sequence[float] | torch.Tensor | None = None,
+        model: Callable | None = None,
+    ) -> None:
+        guides = list(guides)
+        if not guides:
+            raise ValueError("guides is empty; pass at least one fitted SWAGGuide")
+        for i, g in enumerate(guides):
+            if not isinstance(g, SWAGGuide):
+                raise TypeError(
+                    f"guides[{i}] is a {type(g).__name__}, expected a SWAGGuide "
+                    "(from SWAGCollector.swag_guide() or SWAGGuide.from_state_dict())"
+                )
+        first = guides[0]
+        super().__init__(model if model is not None else first.model)
+        size = first.loc.numel()
+        for i, g in enumerate(guides[1:], 1):
+            if g.loc.numel() != size:
+                raise ValueError(
+                    f"guides[{i}] has {g.loc.numel()} latent entries but guides[0] has {size}; "
+                    "all runs must come from the same model"
+                )
+            if g.layout and first.layout and [tuple(s) for s in g.layout] != [
+                tuple(s) for s in first.layout
+            ]:
+                raise ValueError(
+                    f"guides[{i}] has latent layout {g.layout} but guides[0] has "
+                    f"{first.layout}; all runs must come from the same model"
+                )
+        parts = [_component_parts(g) for g in guides]
+        device, dtype = first.loc.device, first.loc.dtype
+        rank = max(1, max(p[1].shape[1] for p in parts))
+        factors = torch.zeros(len(parts), size, rank, dtype=dtype, device=device)
+        for r, (_, f, _) in enumerate(parts):
+            factors[r, :, : f.shape[1]] = f.to(device)
+        self.register_buffer("loc", torch.stack([p[0].to(device, dtype) for p in parts]))
+        self.register_buffer("cov_factor", factors)
+        self.register_buffer("cov_diag", torch.stack([p[2].to(device, dtype) for p in parts]))
+        self.register_buffer("weights", self._check_weights(weights, len(parts), device, dtype))
+        self.layout = next((g.layout for g in guides if g.layout), None)
+
+    @staticmethod
+    def _check_weights(weights, num_runs: int, device, dtype) -> torch.Tensor:
+        if weights is None:
+            return torch.full((num_runs,), 1.0 / num_runs, device=device, dtype=dtype)
+        w = torch.as_tensor(weights, dtype=dtype).to(device)
+        if w.shape != (num_runs,) or not bool(torch.all(w > 0)) or not bool(w.isfinite().all()):
+            raise ValueError(
+                f"weights must be {num_runs} positive finite numbers (one per run), got "
+                f"weights={weights!r}"
+            )
+        return w / w.sum()
+
+    @property
+    def num_runs(self) -> int:
+        """Number of mixture components ``R``."""
+        return self.loc.shape[0]
+
+    # ------------------------------------------------------------- AutoContinuous
+    def _prototype_hide_fn(self, msg: dict) -> bool:
+        names = {name for name, _ in self.layout or ()}
+        return prototype_hide_fn(msg) or bool(names and msg["name"] not in names)
+
+    def _setup_prototype(self, *args, **kwargs) -> None:
+        with torch.random.fork_rng():  # setting up must not shift the user's random stream
+            super()._setup_prototype(*args, **kwargs)
+        found = [(n, tuple(s)) for n, s in self._unconstrained_shapes.items()]
+        if self.layout is not None and [(n, tuple(s)) for n, s in self.layout] != found:
+            raise ValueError(
+                f"the model's latent structure changed: the runs have sites {self.layout} "
+                f"but the model now has {found}; use the model they were fitted on"
+            )
+        if self.latent_dim != self.loc.shape[-1]:
+            raise ValueError(
+                f"the model has {self.latent_dim} unconstrained latent entries but the runs "
+                f"were fitted on {self.loc.shape[-1]}; use the model they were fitted on"
+            )
+
+    def components(self) -> dist.LowRankMultivariateNormal:
+        """The R run Gaussians as one batched distribution, batch shape ``(R,)``."""
+        return dist.LowRankMultivariateNormal(self.loc, self.cov_factor, self.cov_diag)
+
+    def get_posterior(self, *args, **kwargs) -> dist.MixtureSameFamily:
+        """``MixtureSameFamily(Categorical(weights), LowRankMultivariateNormal)``."""
+        return dist.MixtureSameFamily(dist.Categorical(probs=self.weights), self.components())
+
+    def marginal_variance(self) -> torch.Tensor:
+        r"""Per-entry mixture variance :math:`\sum_r \pi_r(\sigma^2_r + \mu_r^2) - \bar\mu^2`."""
+        var_r = self.cov_diag + self.cov_factor.pow(2).sum(-1)
+        mean = self.weights @ self.loc
+        return (self.weights @ (var_r + self.loc.pow(2)) - mean.pow(2)).clamp(min=0)
+
+    def _loc_scale(self, *args, **kwargs):
+        return self.weights @ self.loc, self.marginal_variance().sqrt()
+
+    @torch.no_grad()
+    def sample_chains(self, num_draws: int) -> torch.Tensor:
+        """Draw ``num_draws`` latents from every run: shape ``(R, num_draws, P)``."""
+        if not (isinstance(num_draws, int) and num_draws > 0):
+            raise ValueError(f"num_draws must be a positive int, got num_draws={num_draws!r}")
+        return self.components().sample((num_draws,)).transpose(0, 1)
+
+    # ------------------------------------------------------------- persistence
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"layout": self.layout}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.layout = state["layout"]
+
+
+def _fit_one(fit_run: Callable[[int], SWAGGuide], seed: int, threads: int | None):
+    """Worker: seed everything, fit one run, return its state dict on the CPU."""
+    if threads:
+        torch.set_num_threads(threads)
+    pyro.set_rng_seed(seed)
+    pyro.clear_param_store()
+    guide = fit_run(seed)
+    if not isinstance(guide, SWAGGuide):
+        raise TypeError(f"fit_run({seed}) returned a {type(guide).__name__}, expected a SWAGGuide")
+    state = guide.state_dict()
+    return {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state.items()}
+
+
+def fit_runs(
+    fit_run: Callable[[int], SWAGGuide],
+    seeds: int | Sequence[int] = 4,
+    *,
+    model: Callable | None = None,
+    processes: int = 1,
+    threads_per_process: int | None = 1,
+    weights: Sequence[float] | None = None,
+    progress: bool = True,
+) -> MultiSWAG:
+    """Fit independent SWAG runs and combine them into a :class:`MultiSWAG`.
+
+    Parameters
+    ----------
+    fit_run : callable
+        ``fit_run(seed) -> SWAGGuide``: trains one run. It is called after
+        ``pyro.set_rng_seed(seed)`` and ``pyro.clear_param_store()``. With
+        ``processes > 1`` it must be picklable (a module-level function or a
+        ``functools.partial`` of one).
+    seeds : int or sequence of int
+        The seeds, or a number R meaning seeds ``0..R-1``.
+    model : callable, optional
+        The model of the runs. Required with ``processes > 1``: the runs come back as
+        state dicts and are rebuilt with :meth:`SWAGGuide.from_state_dict` on it.
+    processes : int
+        Worker processes (``spawn`` context); 1 runs in this process.
+    threads_per_process : int or None
+        ``torch.set_num_threads`` in each worker; ``None`` leaves torch's default.
+    weights : sequence of float, optional
+        Mixture weights, see :class:`MultiSWAG`.
+    progress : bool
+        Show a tqdm bar over runs.
+
+    Returns
+    -------
+    MultiSWAG
+        One component per seed, in the order of ``seeds``.
+    """
+    seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds is empty; pass a positive number of runs or a list of seeds")
+    if not (isinstance(processes, int) and processes >= 1):
+        raise ValueError(f"processes must be an int >= 1, got processes={processes!r}")
+    if processes == 1:
+        guides = []
+        for seed in tqdm(seeds, desc="SWAG runs", disable=not progress):
+            pyro.set_rng_seed(seed)
+            pyro.clear_param_store()
+            guide = fit_run(seed)
+            if not isinstance(guide, SWAGGuide):
+                raise TypeError(
+                    f"fit_run({seed}) returned a {type(guide).__name__}, expected a SWAGGuide"
+                )
+            guides.append(guide)
+        return MultiSWAG(guides, weights=weights, model=model)
+    if model is None:
+        raise ValueError(
+            "model=None with processes > 1: pass model=the model fit_run trains, so the "
+            "runs can be rebuilt in this process"
+        )
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(processes, len(seeds))) as pool:
+        jobs = [pool.apply_async(_fit_one, (fit_run, s, threads_per_process)) for s in seeds]
+        states = [job.get() for job in tqdm(jobs, desc="SWAG runs", disable=not progress)]
+    guides = [SWAGGuide.from_state_dict(model, state) for state in states]
+    return MultiSWAG(guides, weights=weights, model=model)
