@@ -1,0 +1,481 @@
+r"""SWAG under ``torch.distributed``: data-parallel collection and MultiSWAG across ranks.
+
+Data parallel SGD keeps one parameter vector :math:`\theta_t \in \mathbb{R}^P` on every rank:
+each rank computes the ELBO gradient of its own microbatch, the gradients are averaged with
+one ``all_reduce``, and every rank takes the same optimiser step. With :math:`W` ranks that
+each pass an equal microbatch and the full data size to the model's plate, the averaged
+gradient is the gradient of the global batch, so the trajectory — and its SWAG moments —
+are those of single-process training on the same data order, up to the order of the
+floating-point reductions.
+
+Since :math:`\theta_t` is replicated, the moments (mean, second moment, ``K`` deviations:
+:math:`(K + 2) P` numbers) need to be kept only once. :class:`DistributedSWAG` either keeps
+them on group rank 0 (``shard=False``) or splits the :math:`P` entries into ``W`` contiguous
+slices and keeps each slice's moments on its rank (``shard=True``, about
+:math:`(K + 2) P / W` per rank, and no communication at collection time). The slices are
+gathered into one :class:`~pyro_swag.SWAGGuide` at the end.
+
+MultiSWAG runs independent trajectories: :func:`split_runs` cuts the world into groups, one
+run per group (data parallel inside it), and :func:`gather_runs` brings every run's guide to
+one rank.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from pyro.infer import ELBO, Trace_ELBO
+
+from .autoguide import SWAGCollector, SWAGGuide, _layout
+from .moments import SWAGMoments
+
+__all__ = [
+    "DistributedSWAG",
+    "Runs",
+    "close_distributed",
+    "default_backend",
+    "gather_runs",
+    "init_distributed",
+    "split_runs",
+]
+
+
+def default_backend(device: torch.device | str) -> str:
+    """``"nccl"`` for CUDA devices, ``"gloo"`` otherwise."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def init_distributed(
+    device: torch.device | str | None = None, backend: str | None = None
+) -> torch.device:
+    """Join the process group that ``torchrun`` describes and return this rank's device.
+
+    The device defaults to ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU; the
+    backend follows it (:func:`default_backend`). Outside ``torchrun`` (no ``WORLD_SIZE`` in
+    the environment) nothing is initialised and the code runs as a single process.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return device
+    backend = backend or default_backend(device)
+    kwargs = {}
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps one store across restarts (--max-restarts), so a restarted
+        # group would read the dead workers' addresses: give every attempt its own keys.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False
+        )
+        kwargs = {
+            "store": dist.PrefixStore(f"pyro_swag/attempt{attempt}", store),
+            "rank": int(os.environ["RANK"]),
+            "world_size": int(os.environ["WORLD_SIZE"]),
+        }
+    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, **kwargs)
+    return device
+
+
+def close_distributed() -> None:
+    """Wait for every rank, then destroy the process groups (no-op without them).
+
+    The barrier keeps a rank from tearing down while a peer still finishes a collective.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _world(group) -> tuple[int, int]:
+    """(rank, size) of this process in ``group``; (0, 1) without a process group."""
+    if not dist.is_initialized():
+        if group is not None:
+            raise RuntimeError(
+                "a process group was passed but torch.distributed is not initialised; "
+                "call pyro_swag.distributed.init_distributed() under torchrun first"
+            )
+        return 0, 1
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of group={group!r}; "
+            "pass the group this rank belongs to (see split_runs)"
+        )
+    return rank, dist.get_world_size(group)
+
+
+def _comm_device(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _gather(t: torch.Tensor, dst: int | None, group) -> list[torch.Tensor] | None:
+    """Gather equal-shape tensors to group rank ``dst`` (all ranks when ``dst is None``)."""
+    rank, size = _world(group)
+    if size == 1:
+        return [t]
+    home, t = t.device, t.contiguous().to(_comm_device(group))
+    if dst is None:
+        out = [torch.empty_like(t) for _ in range(size)]
+        dist.all_gather(out, t, group=group)
+    else:
+        out = [torch.empty_like(t) for _ in range(size)] if rank == dst else None
+        dist.gather(t, out, dst=_global(group, dst), group=group)
+    return None if out is None else [o.to(home) for o in out]
+
+
+def _global(group, rank: int) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[-1]))
+
+
+class DistributedSWAG:
+    """Data-parallel SVI on a :class:`~pyro_swag.SWAGCollector` with SWAG moments kept once.
+
+    Parameters
+    ----------
+    collector : SWAGCollector
+        The point-mass guide SGD moves; its own ``moments`` are not used.
+    optimizer : callable
+        ``params -> torch.optim.Optimizer``, e.g.
+        ``functools.partial(torch.optim.SGD, lr=1e-3, momentum=0.9)``; it is built on the
+        first :meth:`step` (once the collector knows its parameters).
+    loss : pyro.infer.ELBO, optional
+        The objective, ``Trace_ELBO()`` by default; its ``differentiable_loss`` is used.
+    shard : bool
+        ``True``: every rank keeps the moments of its slice of the ``P`` latent entries;
+        ``False``: group rank 0 keeps all of them.
+    group : ProcessGroup, optional
+        The ranks that train this trajectory (default: the whole world).
+
+    Notes
+    -----
+    Every rank calls :meth:`step` with its own microbatch and the *full* data size for the
+    model's plate (``num_data``), with equal microbatch sizes; gradients are averaged.
+    :meth:`step`, :meth:`swag_guide`, :meth:`save` and :meth:`resume` are collective: call
+    them on every rank of the group, in the same order. :meth:`collect` communicates nothing.
+    """
+
+    def __init__(
+        self,
+        collector: SWAGCollector,
+        optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
+        loss: ELBO | None = None,
+        *,
+        shard: bool = True,
+        group: Any = None,
+    ) -> None:
+        if not isinstance(collector, SWAGCollector):
+            raise TypeError(
+                f"collector must be a pyro_swag.SWAGCollector, got {type(collector).__name__}"
+            )
+        if not callable(optimizer) or isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "optimizer must be a factory params -> torch.optim.Optimizer, e.g. "
+                f"functools.partial(torch.optim.SGD, lr=1e-3), got {optimizer!r}"
+            )
+        self.collector = collector
+        self.loss = Trace_ELBO() if loss is None else loss
+        self.shard = bool(shard)
+        self.group = group
+        self.rank, self.world_size = _world(group)
+        self._make_optimizer = optimizer
+        self.optimizer: torch.optim.Optimizer | None = None
+        m = collector.moments
+        self.moments = SWAGMoments(m.rank, m.min_var, m.deviation_dtype, m.device)
+        self.num_steps = 0
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, *args, **kwargs) -> None:
+        """Trace the model once, copy group rank 0's starting point to every rank, make the
+        optimiser. Called by the first :meth:`step`; collective."""
+        if self.optimizer is not None:
+            return
+        if self.collector.prototype_trace is None:
+            with torch.no_grad():
+                self.collector(*args, **kwargs)
+        loc = self.collector.loc
+        if self.world_size > 1:
+            buf = loc.detach().to(_comm_device(self.group))
+            dist.broadcast(buf, src=_global(self.group, 0), group=self.group)
+            with torch.no_grad():
+                loc.copy_(buf)
+        self.optimizer = self._make_optimizer(list(self.collector.parameters()))
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """The slice ``[start, stop)`` of the latent vector whose moments this rank keeps."""
+        self.collector._require_setup("bounds")
+        p = self.collector.loc.numel()
+        if not self.shard:
+            return (0, p) if self.rank == 0 else (p, p)
+        base, extra = divmod(p, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (self.rank < extra)
+
+    def _widths(self) -> list[int]:
+        p, w = self.collector.loc.numel(), self.world_size
+        if not self.shard:
+            return [p] + [0] * (w - 1)
+        return [p // w + (r < p % w) for r in range(w)]
+
+    # --------------------------------------------------------------- training
+    def step(self, *args, **kwargs) -> float:
+        """One SGD step on the global batch; returns the loss averaged over the group.
+
+        ``args``/``kwargs`` are this rank's microbatch, passed to the model and the guide.
+        """
+        self.setup(*args, **kwargs)
+        params = [p for p in self.collector.parameters() if p.requires_grad]
+        self.optimizer.zero_grad()
+        loss = self.loss.differentiable_loss(self.collector.model, self.collector, *args, **kwargs)
+        loss.backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1)])
+        if self.world_size > 1:
+            buf = flat.to(_comm_device(self.group))
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+            flat = buf.to(flat.device) / self.world_size
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        self.optimizer.step()
+        self.num_steps += 1
+        return float(flat[-1])
+
+    @torch.no_grad()
+    def collect(self) -> None:
+        """Record the current point: each rank updates the moments of its slice."""
+        self.collector._require_setup("collect()")
+        loc = self.collector.loc.detach()
+        if not bool(torch.isfinite(loc).all()):  # same answer on every rank: loc is replicated
+            raise ValueError(
+                "the parameters contain NaN or Inf; the trajectory diverged (lower the learning "
+                "rate or clip gradients); nothing was collected"
+            )
+        start, stop = self.bounds
+        self.moments.update(loc[start:stop])
+
+    @property
+    def num_snapshots(self) -> int:
+        return self.moments.count
+
+    def memory_bytes(self) -> int:
+        """Bytes of the moment buffers held by this rank."""
+        return sum(b.numel() * b.element_size() for b in self.moments.buffers())
+
+    # --------------------------------------------------------------- gathering
+    def gather_moments(self, dst: int | None = 0) -> SWAGMoments | None:
+        """The full moments on group rank ``dst`` (every rank when ``None``); collective.
+
+        Other ranks get ``None``. Each rank sends its ``(K + 2) x P / W`` slice once.
+        """
+        m = self.moments
+        m._require(1)
+        widths = self._widths()
+        width = max(widths)
+        stats = _gather(_pad(torch.stack([m.mean, m.m2]), width), dst, self.group)
+        devs = _gather(_pad(m.deviations, width), dst, self.group)
+        if stats is None:
+            return None
+        full = SWAGMoments(m.rank, m.min_var, m.deviation_dtype, m.device)
+        full.load_state_dict(
+            {
+                "mean": torch.cat([s[0, :w] for s, w in zip(stats, widths)]),
+                "m2": torch.cat([s[1, :w] for s, w in zip(stats, widths)]),
+                "deviations": torch.cat([d[:, :w] for d, w in zip(devs, widths)], dim=1),
+                "_extra_state": m.get_extra_state(),
+            }
+        )
+        return full
+
+    def swag_guide(
+        self, scale: float = 1.0, diagonal: bool = False, dst: int | None = 0
+    ) -> SWAGGuide | None:
+        """The :class:`~pyro_swag.SWAGGuide` of the whole trajectory on group rank ``dst``
+        (every rank when ``None``), ``None`` elsewhere; collective."""
+        full = self.gather_moments(dst)
+        if full is None:
+            return None
+        own, self.collector.moments = self.collector.moments, full
+        try:
+            return self.collector.swag_guide(scale=scale, diagonal=diagonal)
+        finally:
+            self.collector.moments = own
+
+    # ------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: point, optimiser, moment slice, RNG, step count."""
+        if self.optimizer is None:
+            raise RuntimeError("state_dict() needs a first step(...) (or setup(...)) to be run")
+        state = {
+            "loc": self.collector.loc.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "moments": self.moments.state_dict(),
+            "rng": torch.get_rng_state(),
+            "meta": {
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "shard": self.shard,
+                "num_steps": self.num_steps,
+                "layout": _layout(self.collector),
+            },
+        }
+        if self.collector.loc.is_cuda:
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.collector.loc.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (of the same rank, group size and mode)."""
+        if self.optimizer is None:
+            raise RuntimeError("load_state_dict() needs setup(*model_args) to be run first")
+        meta = state["meta"]
+        mine = {"rank": self.rank, "world_size": self.world_size, "shard": self.shard}
+        theirs = {k: meta[k] for k in mine}
+        if mine != theirs:
+            raise ValueError(
+                f"the checkpoint was written by {theirs} but this process is {mine}; relaunch "
+                "with the same number of processes and the same shard setting"
+            )
+        if [(n, tuple(s)) for n, s in meta["layout"]] != _layout(self.collector):
+            raise ValueError("the checkpoint belongs to another model (its latent layout differs)")
+        with torch.no_grad():
+            self.collector.loc.copy_(state["loc"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.moments.load_state_dict(state["moments"])
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and self.collector.loc.is_cuda:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.collector.loc.device)
+        self.num_steps = int(meta["num_steps"])
+
+    def _path(self, directory: str | os.PathLike) -> Path:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return Path(directory) / f"swag-rank{rank}-of-{world}.pt"
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write this rank's :meth:`state_dict` to ``directory`` (atomically); collective."""
+        path = self._path(directory)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+        return path
+
+    def resume(self, directory: str | os.PathLike, *args, **kwargs) -> bool:
+        """Load the checkpoint in ``directory`` if every rank has one; collective.
+
+        ``args``/``kwargs`` are a microbatch, used to trace the model. Returns whether a
+        checkpoint was loaded; raises ``RuntimeError`` when the ranks' files disagree.
+        """
+        self.setup(*args, **kwargs)
+        path = self._path(directory)
+        state = None
+        if path.exists():
+            state = torch.load(path, weights_only=True, map_location=self.collector.loc.device)
+        step = -1 if state is None else int(state["meta"]["num_steps"])
+        lo_hi = torch.tensor([step, -step], dtype=torch.long)
+        if self.world_size > 1:
+            buf = lo_hi.to(_comm_device(self.group))
+            dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=self.group)
+            lo_hi = buf.cpu()
+        lo, hi = int(lo_hi[0]), -int(lo_hi[1])
+        if lo != hi:
+            raise RuntimeError(
+                f"the ranks' checkpoints in {directory} are from different steps ({lo}..{hi}, "
+                "-1 = missing); a save was interrupted: delete the directory or restore it"
+            )
+        if state is None:
+            return False
+        self.load_state_dict(state)
+        return True
+
+
+@dataclass(frozen=True)
+class Runs:
+    """How the world is split for MultiSWAG (see :func:`split_runs`).
+
+    Attributes
+    ----------
+    run : int
+        The run this rank trains.
+    num_runs : int
+        Number of independent runs.
+    group : ProcessGroup or None
+        The ranks of this run (pass it to :class:`DistributedSWAG`).
+    leaders : ProcessGroup or None
+        Group rank 0 of every run; ``None`` on the other ranks.
+    """
+
+    run: int
+    num_runs: int
+    group: Any
+    leaders: Any
+
+
+def split_runs(num_runs: int) -> Runs:
+    """Split the world into ``num_runs`` equal groups of consecutive ranks; collective."""
+    rank, world = _world(None)
+    if isinstance(num_runs, bool) or not isinstance(num_runs, int) or num_runs < 1:
+        raise ValueError(f"num_runs must be an integer >= 1, got num_runs={num_runs!r}")
+    if world % num_runs:
+        raise ValueError(
+            f"num_runs={num_runs} does not divide the world size {world}; launch a multiple "
+            f"of {num_runs} processes or pick a divisor of {world}"
+        )
+    if world == 1:
+        return Runs(0, 1, None, None)
+    size = world // num_runs
+    groups = [dist.new_group(list(range(i * size, (i + 1) * size))) for i in range(num_runs)]
+    leaders = dist.new_group([i * size for i in range(num_runs)])
+    return Runs(rank // size, num_runs, groups[rank // size], leaders if rank % size == 0 else None)
+
+
+def gather_runs(
+    swag: DistributedSWAG, runs: Runs, scale: float = 1.0, diagonal: bool = False
+) -> list[SWAGGuide] | None:
+    """Every run's :class:`~pyro_swag.SWAGGuide`, ordered by run, on global rank 0.
+
+    Collective over the world; other ranks get ``None``. Runs must share the model (the same
+    latent size); they may hold different numbers of deviations.
+    """
+    guide = swag.swag_guide(scale=scale, diagonal=diagonal, dst=0)
+    if runs.num_runs == 1 or guide is None:
+        return None if guide is None or _world(None)[0] != 0 else [guide]
+    group = runs.leaders
+    sizes = _gather(torch.tensor([guide.rank]), None, group)
+    kmax = max(int(s) for s in sizes)
+    devs = torch.nn.functional.pad(guide.deviations, (0, 0, 0, kmax - guide.rank))
+    vecs = _gather(torch.stack([guide.loc, guide.variance]), 0, group)
+    devs = _gather(devs, 0, group)
+    if vecs is None:
+        return None
+    guides = []
+    for run, (v, d, k) in enumerate(zip(vecs, devs, sizes)):
+        if run == runs.run:
+            guides.append(guide)
+            continue
+        other = SWAGGuide(guide.model, v[0], v[1], d[: int(k)], scale, diagonal, guide.layout)
+        for attr in ("prototype_trace", "_unconstrained_shapes", "_cond_indep_stacks"):
+            setattr(other, attr, getattr(guide, attr))
+        other._prototype_frames = dict(guide._prototype_frames)
+        other.latent_dim = guide.latent_dim
+        guides.append(other)
+    return guides

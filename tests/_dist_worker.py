@@ -1,0 +1,166 @@
+"""Worker launched by tests/test_distributed.py with ``torchrun --nproc_per_node=2``.
+
+Usage: ``python -m torch.distributed.run --standalone --nproc_per_node=2 --max-restarts=1
+tests/_dist_worker.py OUT``. The first attempt runs ``ddp`` (sharded and rank-0 collection,
+then 2-run MultiSWAG), then ``crash`` (checkpoints every few steps; rank 1 dies once);
+torchrun restarts the group, and the second attempt resumes ``crash`` from the checkpoint.
+The helpers below are also imported by the test to build the single-process reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO
+
+from pyro_swag import SWAGCollector
+from pyro_swag.models import BayesianMLP
+
+N, BATCH, STEPS, SWA_START, RANK, LR, MOMENTUM = 64, 16, 30, 10, 5, 5e-4, 0.9
+CRASH_AT, SAVE_EVERY = 20, 8
+
+
+def make_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(N, 1, generator=g) * 4 - 2
+    y = torch.sin(2 * x[:, 0]) + 0.2 * torch.randn(N, generator=g)
+    return x, y
+
+
+def make_collector(seed: int) -> SWAGCollector:
+    pyro.clear_param_store()  # collectors share the param name "AutoSWAGCollector.loc"
+    torch.manual_seed(seed)
+    model = BayesianMLP(1, hidden=(8,), noise=0.3)
+    return SWAGCollector(model, rank=RANK, init_loc_fn=model.init_loc_fn())
+
+
+def batch(step: int, seed: int) -> torch.Tensor:
+    """The global batch of one step: the same on every rank and in the reference."""
+    return torch.randperm(N, generator=torch.Generator().manual_seed(1000 * seed + step))[:BATCH]
+
+
+optimizer = functools.partial(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
+
+
+def reference(seed: int):
+    """Single-process SVI with plain Pyro on the same data order."""
+    x, y = make_data()
+    collector = make_collector(seed)
+    svi = SVI(
+        collector.model, collector, pyro.optim.SGD({"lr": LR, "momentum": MOMENTUM}), Trace_ELBO()
+    )
+    for t in range(STEPS):
+        idx = batch(t, seed)
+        svi.step(x[idx], y[idx], num_data=N)
+        if t >= SWA_START:
+            collector.collect()
+    return collector.swag_guide()
+
+
+def microbatch(t, seed, rank, world, x, y):
+    idx = batch(t, seed)[rank::world]
+    return (x[idx], y[idx]), {"num_data": N}
+
+
+def train(swag, seed, rank, world, first=0, on_step=None):
+    x, y = make_data()
+    for t in range(first, STEPS):
+        args, kwargs = microbatch(t, seed, rank, world, x, y)
+        swag.step(*args, **kwargs)
+        if t >= SWA_START:
+            swag.collect()
+        if on_step is not None:
+            on_step(t)
+
+
+def ddp(out: Path) -> None:
+    import torch.distributed as dist
+
+    from pyro_swag.distributed import DistributedSWAG, gather_runs, split_runs
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    info = {}
+    for shard in (True, False):
+        swag = DistributedSWAG(make_collector(0), optimizer, shard=shard)
+        train(swag, 0, rank, world)
+        info[f"shard={shard}"] = {
+            "bytes": swag.memory_bytes(),
+            "bounds": list(swag.bounds),
+            "P": swag.collector.loc.numel(),
+        }
+        guide = swag.swag_guide(dst=0)
+        assert (guide is None) == (rank != 0)
+        if guide is not None:
+            torch.save(guide.state_dict(), out / f"guide-shard{shard}.pt")
+        if shard:
+            everywhere = swag.swag_guide(dst=None)
+            torch.save(everywhere.state_dict(), out / f"guide-all-rank{rank}.pt")
+    (out / f"info-rank{rank}.json").write_text(json.dumps(info))
+
+    runs = split_runs(2)
+    swag = DistributedSWAG(make_collector(100 + runs.run), optimizer, group=runs.group)
+    train(swag, 100 + runs.run, 0, 1)  # one rank per run: the run's whole batch
+    guides = gather_runs(swag, runs)
+    if rank != 0:
+        assert guides is None
+        return
+    for i, g in enumerate(guides):
+        torch.save(g.state_dict(), out / f"run{i}.pt")
+    result = {"num_guides": len(guides)}
+    try:
+        from pyro_swag.datatree import to_datatree
+        from pyro_swag.multiswag import MultiSWAG
+    except ImportError as err:
+        result["missing"] = str(err)
+    else:
+        x, y = make_data()
+        tree = to_datatree(MultiSWAG(guides), (x,), {"y": y}, num_draws=20)
+        result["posterior_sizes"] = dict(tree["posterior"].sizes)
+        chain_means = tree["posterior"]["layers.0.weight"].mean(("draw",)).values
+        result["chain_mean_gap"] = float(abs(chain_means[0] - chain_means[1]).max())
+    (out / "multiswag.json").write_text(json.dumps(result))
+
+
+def crash(out: Path) -> None:
+    import torch.distributed as dist
+
+    from pyro_swag.distributed import DistributedSWAG
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    swag = DistributedSWAG(make_collector(0), optimizer, shard=True)
+    x, y = make_data()
+    args, kwargs = microbatch(0, 0, rank, world, x, y)
+    resumed = swag.resume(out / "ckpt", *args, **kwargs)
+    first = swag.num_steps
+
+    def on_step(t):
+        if (t + 1) % SAVE_EVERY == 0:
+            swag.save(out / "ckpt")
+        if attempt == 0 and rank == 1 and t == CRASH_AT:
+            os._exit(3)  # a crash: no clean-up, the peer is left waiting in a collective
+
+    train(swag, 0, rank, world, first=first, on_step=on_step)
+    guide = swag.swag_guide(dst=0)
+    if guide is not None:
+        torch.save(guide.state_dict(), out / "guide-crash.pt")
+        info = {"attempt": attempt, "resumed": resumed, "first_step": first}
+        (out / "crash.json").write_text(json.dumps(info))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    from pyro_swag.distributed import close_distributed, init_distributed
+
+    init_distributed()
+    out = Path(sys.argv[1])
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        ddp(out)
+    crash(out)
+    close_distributed()
