@@ -245,7 +245,9 @@ def test_errors():
     with pytest.raises(ValueError, match="num_samples"):
         predictive(model, guide, *args, num_samples=-1)
     with pytest.raises(ValueError, match="leading"):
-        predictive(model, None, *args, posterior_samples={"w": torch.zeros(3, 3), "b": torch.zeros(2)})
+        predictive(
+            model, None, *args, posterior_samples={"w": torch.zeros(3, 3), "b": torch.zeros(2)}
+        )
     with pytest.raises(ValueError, match="return_sites"):
         predictive(model, None, *args, posterior_samples=samples, return_sites=["nope"])
     with pytest.raises(ValueError, match="columns"):
