@@ -254,11 +254,12 @@ def _map_draws(model, values, args, kwargs, body, chunk_size, what) -> list[torc
     """Stack ``body``'s tensors over all draws: vmap per chunk, or a loop as fallback."""
     num = _num_draws(values, "samples")
     try:
-        parts = [
-            _run_vmapped(model, {k: v[c] for k, v in values.items()}, args, kwargs, body)
-            for c in _chunks(num, chunk_size)
-        ]
-        return [torch.cat(p) for p in zip(*parts)]
+        out: dict[int, torch.Tensor] = {}
+        for c in _chunks(num, chunk_size):
+            part = _run_vmapped(model, {k: v[c] for k, v in values.items()}, args, kwargs, body)
+            for j, value in enumerate(part):
+                _put(out, j, num, c, value)
+        return [out[j] for j in range(len(out))]
     except (RuntimeError, NotImplementedError, TypeError, IndexError) as err:
         _warn_fallback(what, err)
     rows = []
@@ -395,21 +396,28 @@ def _predict_vectorized(model, values, sites, args, kwargs, chunk_size) -> dict:
         fixed = [ret if s == "_RETURN" else trace.nodes[s]["value"] for s in spec["fixed"]]
         return tuple(fixed), tuple(flat)
 
-    out: dict[str, list] = {s: [] for s in sites}
+    out: dict[str, torch.Tensor] = {}
     for c in _chunks(num, chunk_size):
         fixed, flat = _run_vmapped(model, {k: v[c] for k, v in values.items()}, args, kwargs, body)
         for name, value in zip(spec["fixed"], fixed):
             if value.is_floating_point() and torch.isnan(value).any():
                 raise RuntimeError(f"site {name!r} depends on a predicted site's value")
-            out[name].append(value)
+            _put(out, name, num, c, value)
         with torch.no_grad():
             for i in range(c.stop - c.start):
                 for name, s in spec["deferred"]:
                     fn, fn_args, fn_kwargs = _rebuild(s, flat, i)
                     value = fn(*fn_args, **fn_kwargs)
-                    if name in out:
-                        out[name].append(value.unsqueeze(0))
-    return {k: torch.cat(v) for k, v in out.items()}
+                    if name in sites:
+                        _put(out, name, num, slice(c.start + i, c.start + i + 1), value[None])
+    return {s: out[s] for s in sites}
+
+
+def _put(out: dict, name: Any, num: int, rows: slice, value: torch.Tensor) -> None:
+    """Write draws ``rows`` of a site into one preallocated (S, ...) tensor (no fragments)."""
+    if name not in out:
+        out[name] = value.new_empty((num,) + tuple(value.shape[1:]))
+    out[name][rows] = value
 
 
 def log_likelihood(
