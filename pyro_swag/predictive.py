@@ -34,23 +34,39 @@ then valid importance log-weights).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyro
 import torch
-from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoContinuous
-from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import prune_subsample_sites
-from torch.distributions import Distribution, biject_to
-from torch.distributions.transforms import Transform
+from torch.distributions import biject_to
 
-__all__ = ["log_joint", "log_likelihood", "predictive", "sample_latents", "unpack_latents"]
+from ._vectorize import (
+    _check_positive_int,
+    _chunks,
+    _flatten,
+    _map_draws,
+    _num_draws,
+    _numel,
+    _prototype,
+    _put,
+    _rebuild,
+    _run_vmapped,
+    _warn_fallback,
+    forward_draws,
+)
+
+__all__ = [
+    "forward_draws",
+    "log_joint",
+    "log_likelihood",
+    "predictive",
+    "sample_latents",
+    "unpack_latents",
+]
 
 
 # ----------------------------------------------------------------------------- latents
@@ -132,155 +148,6 @@ def unpack_latents(guide: Any, latents: torch.Tensor) -> dict[str, torch.Tensor]
         Unconstrained draws, e.g. from :func:`sample_latents`.
     """
     return _unpack(guide, latents)[0]
-
-
-# ------------------------------------------------------------- distribution flattening
-def _flatten(obj: Any, out: list) -> tuple:
-    """Describe ``obj`` (a distribution, possibly nested) with its tensors moved to ``out``."""
-    if torch.is_tensor(obj):
-        out.append(obj)
-        return ("t", len(out) - 1)
-    if isinstance(obj, (Distribution, Transform)):
-        state = {k: _flatten(v, out) for k, v in vars(obj).items() if k != "_inv"}
-        return ("o", type(obj), state)
-    if type(obj) in (list, tuple):
-        return ("l", type(obj), [_flatten(v, out) for v in obj])
-    if type(obj) is dict:
-        return ("d", {k: _flatten(v, out) for k, v in obj.items()})
-    return ("v", obj)
-
-
-def _rebuild(spec: tuple, tensors: Sequence[torch.Tensor], i: int) -> Any:
-    """The object described by ``spec`` for draw ``i`` of the stacked ``tensors``."""
-    kind = spec[0]
-    if kind == "t":
-        return tensors[spec[1]][i]
-    if kind == "o":
-        obj = object.__new__(spec[1])
-        obj.__dict__.update({k: _rebuild(v, tensors, i) for k, v in spec[2].items()})
-        if isinstance(obj, Transform):
-            obj._inv = None
-        return obj
-    if kind == "l":
-        return spec[1](_rebuild(v, tensors, i) for v in spec[2])
-    if kind == "d":
-        return {k: _rebuild(v, tensors, i) for k, v in spec[1].items()}
-    return spec[1]
-
-
-class _DeferSampling(Messenger):
-    """Record, instead of sampling, sites that are neither conditioned nor observed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sites: list[dict] = []
-
-    def _pyro_sample(self, msg: dict) -> None:
-        if msg["value"] is not None or msg["is_observed"] or msg["done"]:
-            return
-        if not isinstance(msg["fn"], Distribution):  # e.g. a plate's subsample site
-            return
-        fn = msg["fn"]
-        self.sites.append(msg)
-        shape = tuple(msg["kwargs"].get("sample_shape", ())) + tuple(fn.batch_shape)
-        ref = next((v for v in vars(fn).values() if torch.is_tensor(v)), None)
-        dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
-        msg["value"] = torch.full(
-            shape + tuple(fn.event_shape),
-            float("nan"),
-            dtype=dtype or torch.get_default_dtype(),
-            device=ref.device if ref is not None else None,
-        )
-
-
-# ----------------------------------------------------------------------- helpers
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
-
-
-def _num_draws(samples: dict[str, torch.Tensor], name: str) -> int:
-    if not isinstance(samples, dict) or not samples:
-        raise ValueError(f"{name} must be a non-empty dict {{site: tensor (S, ...)}}")
-    sizes = {k: v.shape[0] if torch.is_tensor(v) and v.dim() else None for k, v in samples.items()}
-    if len(set(sizes.values())) != 1 or None in sizes.values():
-        raise ValueError(
-            f"{name} must hold tensors with one common leading draw dimension S, got "
-            f"leading sizes {sizes}"
-        )
-    return next(iter(sizes.values()))
-
-
-def _chunks(num: int, chunk_size: int | None) -> list[slice]:
-    if chunk_size is None:
-        return [slice(0, num)]
-    _check_positive_int(chunk_size, "chunk_size")
-    return [slice(a, min(a + chunk_size, num)) for a in range(0, num, chunk_size)]
-
-
-def _run_vmapped(model: Callable, values: dict, args: tuple, kwargs: dict, body: Callable):
-    """``vmap`` of ``body(trace, deferred_sites, return_value)`` over a dict of draws."""
-    names = list(values)
-
-    def one(*vals):
-        defer = _DeferSampling()
-        with poutine.trace() as tracer, defer:
-            ret = poutine.condition(model, dict(zip(names, vals)))(*args, **kwargs)
-        return body(tracer.trace, defer.sites, ret)
-
-    with torch.no_grad(), pyro.validation_enabled(False):
-        return torch.func.vmap(one, randomness="error")(*[values[k] for k in names])
-
-
-def _prototype(model: Callable, args: tuple, kwargs: dict):
-    """Trace the model once with prior draws, consuming the RNG as ``Predictive`` does."""
-    init_model = InitMessenger(init_to_sample)(model)
-    with torch.no_grad():
-        # Predictive runs the model twice before drawing (plate nesting guess + shape
-        # trace); doing the same keeps seeded draws identical to it.
-        with poutine.block():
-            poutine.trace(init_model).get_trace(*args, **kwargs)
-        return prune_subsample_sites(poutine.trace(init_model).get_trace(*args, **kwargs))
-
-
-def _map_draws(model, values, args, kwargs, body, chunk_size, what) -> list[torch.Tensor]:
-    """Stack ``body``'s tensors over all draws: vmap per chunk, or a loop as fallback."""
-    num = _num_draws(values, "samples")
-    try:
-        out: dict[int, torch.Tensor] = {}
-        for c in _chunks(num, chunk_size):
-            part = _run_vmapped(model, {k: v[c] for k, v in values.items()}, args, kwargs, body)
-            for j, value in enumerate(part):
-                _put(out, j, num, c, value)
-        return [out[j] for j in range(len(out))]
-    except (RuntimeError, NotImplementedError, TypeError, IndexError) as err:
-        _warn_fallback(what, err)
-    rows = []
-    with torch.no_grad():
-        for i in range(num):
-            defer = _DeferSampling()
-            with poutine.trace() as tracer, defer:
-                ret = poutine.condition(model, {k: v[i] for k, v in values.items()})(
-                    *args, **kwargs
-                )
-            rows.append(body(tracer.trace, defer.sites, ret))
-    return [torch.stack(r) for r in zip(*rows)]
-
-
-def _warn_fallback(what: str, err: BaseException) -> None:
-    warnings.warn(
-        f"{what}: the model could not be vectorized over draws ({type(err).__name__}: "
-        f"{str(err).splitlines()[0] if str(err) else ''}); using the sequential path",
-        RuntimeWarning,
-        stacklevel=3,
-    )
 
 
 def _select_sites(trace, return_sites, given: dict, all_by_default: bool) -> list[str]:
@@ -411,13 +278,6 @@ def _predict_vectorized(model, values, sites, args, kwargs, chunk_size) -> dict:
                     if name in sites:
                         _put(out, name, num, slice(c.start + i, c.start + i + 1), value[None])
     return {s: out[s] for s in sites}
-
-
-def _put(out: dict, name: Any, num: int, rows: slice, value: torch.Tensor) -> None:
-    """Write draws ``rows`` of a site into one preallocated (S, ...) tensor (no fragments)."""
-    if name not in out:
-        out[name] = value.new_empty((num,) + tuple(value.shape[1:]))
-    out[name][rows] = value
 
 
 def log_likelihood(

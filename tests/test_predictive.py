@@ -1,5 +1,6 @@
 """Vectorized predictive against Pyro's sequential Predictive and direct computation."""
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,14 @@ import torch
 from pyro import poutine
 from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
+from torch import nn
 from torch.distributions import biject_to
+from torch.optim.swa_utils import update_bn
 
 from pyro_swag import SWAGCollector
 from pyro_swag.models import BayesianMLP
 from pyro_swag.predictive import (
+    forward_draws,
     log_joint,
     log_likelihood,
     predictive,
@@ -256,6 +260,77 @@ def test_errors():
         log_likelihood(model, samples, *args)
     with pytest.raises(RuntimeError, match="set up"):
         unpack_latents(AutoLowRankMultivariateNormal(model), latents)
+
+
+def bn_net():
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Linear(3, 8),
+        nn.BatchNorm1d(8),
+        nn.ReLU(),
+        nn.Linear(8, 6),
+        nn.BatchNorm1d(6),
+        nn.Tanh(),
+        nn.Linear(6, 2),
+    )
+
+
+def reference_loop(net, params, x, loader):
+    """The reference implementation's way: load each draw, update_bn, forward in eval."""
+    outs = []
+    for s in range(next(iter(params.values())).shape[0]):
+        work = copy.deepcopy(net)
+        with torch.no_grad():
+            for name, p in work.named_parameters():
+                p.copy_(params[name][s])
+        if loader is not None:
+            update_bn(loader, work)
+        work.eval()
+        with torch.no_grad():
+            outs.append(work(x))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_forward_draws_batchnorm_refresh(chunk_size):
+    net = bn_net()
+    params = {k: v.detach() + 0.2 * torch.randn(5, *v.shape) for k, v in net.named_parameters()}
+    loader = [(torch.randn(16, 3) * 2 + 1, torch.zeros(16)) for _ in range(3)]
+    x = torch.randn(7, 3)
+    state = copy.deepcopy(net.state_dict())
+    out = forward_draws(net, params, x, loader=loader, chunk_size=chunk_size)
+    assert out.shape == (5, 7, 2)
+    torch.testing.assert_close(out, reference_loop(net, params, x, loader), atol=1e-5, rtol=1e-5)
+    # the net itself is untouched
+    assert net.training and net[1].momentum == 0.1
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, state[k], atol=0, rtol=0)
+    # without the refresh, the statistics differ (the test above can fail)
+    stale = forward_draws(net, params, x, bn_update=False)
+    assert (stale - out).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="loader"):
+        forward_draws(net, params, x)
+    with pytest.raises(ValueError, match="not parameters"):
+        forward_draws(net, {"nope": torch.zeros(5, 2)}, x, bn_update=False)
+
+
+def test_forward_draws_matches_module_swag():
+    module = pytest.importorskip("pyro_swag.module")
+    net = bn_net()
+    swag = module.ModuleSWAG(net, rank=3)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        swag.collect()
+    loader = [torch.randn(16, 3) for _ in range(2)]
+    x = torch.randn(4, 3)
+    torch.manual_seed(9)
+    ref = swag.predict(x, 6, loader=loader)
+    torch.manual_seed(9)
+    thetas = swag.posterior().sample((6,))
+    out = forward_draws(net, swag.unflatten(thetas), x, loader=loader)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_example_smoke():

@@ -1,0 +1,285 @@
+"""Machinery of :mod:`pyro_swag.predictive`: a Pyro model vmapped over posterior draws.
+
+``_run_vmapped`` traces ``poutine.condition(model, draw)`` under :func:`torch.func.vmap`;
+sites to predict are not sampled inside it (:class:`_DeferSampling` records their
+distributions), and ``_flatten``/``_rebuild`` turn a recorded, batched distribution into the
+distribution of one draw, so that it is sampled exactly as sequential Pyro would.
+
+:func:`forward_draws` is the torch-module route: a plain ``nn.Module`` at S parameter draws,
+with BatchNorm statistics re-estimated per draw (re-exported by :mod:`pyro_swag.predictive`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import prune_subsample_sites
+from torch.distributions import Distribution
+from torch.distributions.transforms import Transform
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+# ------------------------------------------------------------- distribution flattening
+def _flatten(obj: Any, out: list) -> tuple:
+    """Describe ``obj`` (a distribution, possibly nested) with its tensors moved to ``out``."""
+    if torch.is_tensor(obj):
+        out.append(obj)
+        return ("t", len(out) - 1)
+    if isinstance(obj, (Distribution, Transform)):
+        state = {k: _flatten(v, out) for k, v in vars(obj).items() if k != "_inv"}
+        return ("o", type(obj), state)
+    if type(obj) in (list, tuple):
+        return ("l", type(obj), [_flatten(v, out) for v in obj])
+    if type(obj) is dict:
+        return ("d", {k: _flatten(v, out) for k, v in obj.items()})
+    return ("v", obj)
+
+
+def _rebuild(spec: tuple, tensors: Sequence[torch.Tensor], i: int) -> Any:
+    """The object described by ``spec`` for draw ``i`` of the stacked ``tensors``."""
+    kind = spec[0]
+    if kind == "t":
+        return tensors[spec[1]][i]
+    if kind == "o":
+        obj = object.__new__(spec[1])
+        obj.__dict__.update({k: _rebuild(v, tensors, i) for k, v in spec[2].items()})
+        if isinstance(obj, Transform):
+            obj._inv = None
+        return obj
+    if kind == "l":
+        return spec[1](_rebuild(v, tensors, i) for v in spec[2])
+    if kind == "d":
+        return {k: _rebuild(v, tensors, i) for k, v in spec[1].items()}
+    return spec[1]
+
+
+class _DeferSampling(Messenger):
+    """Record, instead of sampling, sites that are neither conditioned nor observed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: list[dict] = []
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["value"] is not None or msg["is_observed"] or msg["done"]:
+            return
+        if not isinstance(msg["fn"], Distribution):  # e.g. a plate's subsample site
+            return
+        fn = msg["fn"]
+        self.sites.append(msg)
+        shape = tuple(msg["kwargs"].get("sample_shape", ())) + tuple(fn.batch_shape)
+        ref = next((v for v in vars(fn).values() if torch.is_tensor(v)), None)
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
+        msg["value"] = torch.full(
+            shape + tuple(fn.event_shape),
+            float("nan"),
+            dtype=dtype or torch.get_default_dtype(),
+            device=ref.device if ref is not None else None,
+        )
+
+
+# ----------------------------------------------------------------------- helpers
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _check_positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+
+
+def _num_draws(samples: dict[str, torch.Tensor], name: str) -> int:
+    if not isinstance(samples, dict) or not samples:
+        raise ValueError(f"{name} must be a non-empty dict {{site: tensor (S, ...)}}")
+    sizes = {k: v.shape[0] if torch.is_tensor(v) and v.dim() else None for k, v in samples.items()}
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        raise ValueError(
+            f"{name} must hold tensors with one common leading draw dimension S, got "
+            f"leading sizes {sizes}"
+        )
+    return next(iter(sizes.values()))
+
+
+def _chunks(num: int, chunk_size: int | None) -> list[slice]:
+    if chunk_size is None:
+        return [slice(0, num)]
+    _check_positive_int(chunk_size, "chunk_size")
+    return [slice(a, min(a + chunk_size, num)) for a in range(0, num, chunk_size)]
+
+
+def _run_vmapped(model: Callable, values: dict, args: tuple, kwargs: dict, body: Callable):
+    """``vmap`` of ``body(trace, deferred_sites, return_value)`` over a dict of draws."""
+    names = list(values)
+
+    def one(*vals):
+        defer = _DeferSampling()
+        with poutine.trace() as tracer, defer:
+            ret = poutine.condition(model, dict(zip(names, vals)))(*args, **kwargs)
+        return body(tracer.trace, defer.sites, ret)
+
+    with torch.no_grad(), pyro.validation_enabled(False):
+        return torch.func.vmap(one, randomness="error")(*[values[k] for k in names])
+
+
+def _prototype(model: Callable, args: tuple, kwargs: dict):
+    """Trace the model once with prior draws, consuming the RNG as ``Predictive`` does."""
+    init_model = InitMessenger(init_to_sample)(model)
+    with torch.no_grad():
+        # Predictive runs the model twice before drawing (plate nesting guess + shape
+        # trace); doing the same keeps seeded draws identical to it.
+        with poutine.block():
+            poutine.trace(init_model).get_trace(*args, **kwargs)
+        return prune_subsample_sites(poutine.trace(init_model).get_trace(*args, **kwargs))
+
+
+def _map_draws(model, values, args, kwargs, body, chunk_size, what) -> list[torch.Tensor]:
+    """Stack ``body``'s tensors over all draws: vmap per chunk, or a loop as fallback."""
+    num = _num_draws(values, "samples")
+    try:
+        out: dict[int, torch.Tensor] = {}
+        for c in _chunks(num, chunk_size):
+            part = _run_vmapped(model, {k: v[c] for k, v in values.items()}, args, kwargs, body)
+            for j, value in enumerate(part):
+                _put(out, j, num, c, value)
+        return [out[j] for j in range(len(out))]
+    except (RuntimeError, NotImplementedError, TypeError, IndexError) as err:
+        _warn_fallback(what, err)
+    rows = []
+    with torch.no_grad():
+        for i in range(num):
+            defer = _DeferSampling()
+            with poutine.trace() as tracer, defer:
+                ret = poutine.condition(model, {k: v[i] for k, v in values.items()})(
+                    *args, **kwargs
+                )
+            rows.append(body(tracer.trace, defer.sites, ret))
+    return [torch.stack(r) for r in zip(*rows)]
+
+
+def _warn_fallback(what: str, err: BaseException) -> None:
+    warnings.warn(
+        f"{what}: the model could not be vectorized over draws ({type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else ''}); using the sequential path",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _put(out: dict, name: Any, num: int, rows: slice, value: torch.Tensor) -> None:
+    """Write draws ``rows`` of a site into one preallocated (S, ...) tensor (no fragments)."""
+    if name not in out:
+        out[name] = value.new_empty((num,) + tuple(value.shape[1:]))
+    out[name][rows] = value
+
+
+# ----------------------------------------------------------------- torch-module route
+def forward_draws(
+    net: torch.nn.Module,
+    params: dict[str, torch.Tensor],
+    *args,
+    loader: Any = None,
+    bn_update: bool | None = None,
+    chunk_size: int | None = None,
+    **kwargs,
+) -> Any:
+    """Outputs of a plain ``nn.Module`` at S parameter draws, vectorized with ``vmap``.
+
+    The vectorized form of "for each draw: load the parameters, refresh BatchNorm over the
+    training loader (:func:`torch.optim.swa_utils.update_bn`), run forward in eval mode".
+
+    Parameters
+    ----------
+    net : nn.Module
+        The network; left unchanged (parameters, buffers, mode, momentum).
+    params : dict
+        ``{parameter name: (S, *shape)}``, e.g. ``ModuleSWAG.unflatten(thetas)``; parameters
+        not given keep the net's values.
+    *args, **kwargs
+        Forward arguments (e.g. ``x``).
+    loader : iterable, optional
+        Batches (``x`` or ``(x, ...)``) over which BatchNorm statistics are re-estimated
+        for every draw.
+    bn_update : bool, optional
+        Refresh BatchNorm statistics (default: when the net has BatchNorm layers).
+    chunk_size : int, optional
+        Draws evaluated together.
+
+    Returns
+    -------
+    torch.Tensor (or the forward's pytree)
+        Outputs stacked over draws, ``(S, *out)``.
+    """
+    num = _num_draws(params, "params")
+    unknown = sorted(set(params) - {n for n, _ in net.named_parameters()})
+    if unknown:
+        raise ValueError(f"params has {unknown}, not parameters of the network")
+    norms = [m for m in net.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if bn_update is None:
+        bn_update = bool(norms)
+    if bn_update and loader is None:
+        raise ValueError(
+            "bn_update needs loader=<training DataLoader> to re-estimate BatchNorm statistics "
+            "for each draw (or bn_update=False to keep the net's statistics)"
+        )
+    outs = []
+    for c in _chunks(num, chunk_size):
+        chunk = {k: v[c] for k, v in params.items()}
+        buffers = _refresh_norms(net, chunk, loader) if bn_update and norms else {}
+
+        def run(p, b):
+            return functional_call(net, {**p, **b}, args, kwargs)
+
+        training = net.training
+        try:
+            net.eval()
+            with torch.no_grad():
+                outs.append(torch.func.vmap(run)(chunk, buffers))
+        finally:
+            net.train(training)
+    return torch.utils._pytree.tree_map(lambda *t: torch.cat(t), *outs)
+
+
+def _refresh_norms(net, params: dict, loader) -> dict[str, torch.Tensor]:
+    """Per-draw BatchNorm statistics, as ``update_bn`` (cumulative average over ``loader``)."""
+    num = next(iter(params.values())).shape[0]
+    batched, shared, saved = {}, {}, []
+    for name, module in net.named_modules():
+        if not (isinstance(module, _BatchNorm) and module.track_running_stats):
+            continue
+        prefix = f"{name}." if name else ""
+        mean = module.running_mean
+        batched[prefix + "running_mean"] = mean.new_zeros((num,) + mean.shape)
+        batched[prefix + "running_var"] = mean.new_ones((num,) + mean.shape)
+        shared[prefix + "num_batches_tracked"] = torch.zeros_like(module.num_batches_tracked)
+        saved.append((module, module.momentum))
+    device = next(iter(params.values())).device
+
+    def step(p, b, x):
+        functional_call(net, {**p, **b, **shared}, (x,))
+        return b
+
+    training = net.training
+    try:
+        for module, _ in saved:
+            module.momentum = None
+        net.train()
+        with torch.no_grad():
+            for batch in loader:
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                torch.func.vmap(step, in_dims=(0, 0, None))(params, batched, x.to(device))
+    finally:
+        for module, momentum in saved:
+            module.momentum = momentum
+        net.train(training)
+    return batched
