@@ -1,0 +1,498 @@
+r"""Fit a SWAG posterior: pre-train, then SGD at the SWA learning rate, collecting snapshots.
+
+:func:`fit` runs minibatch SVI on a :class:`~pyro_swag.SWAGCollector` (a point mass on the
+unconstrained latent vector, so SVI is MAP/SGD) in two phases:
+
+1. epochs ``[0, swa_start)``: the user's optimiser (default ``pyro.optim.Adam``);
+2. epochs ``[swa_start, epochs)``: SGD with momentum under
+   :class:`torch.optim.swa_utils.SWALR` (through :class:`pyro.optim.PyroLRScheduler`),
+   constant at ``swa_lr`` or annealed to it over ``anneal_epochs``, recording a snapshot
+   every ``collect_every`` epochs (or every ``collect_every_steps`` steps).
+
+The objective is the negative log joint *per datum*,
+:math:`\ell(\theta) = -\frac1N\big[\log p(\theta) + \frac{N}{B}\sum_{i \in b}
+\log p(y_i \mid x_i, \theta)\big]`, so learning rates have the usual per-datum meaning
+whatever the data size. The model must declare the full data size ``N`` so a minibatch of
+``B`` points is scaled by ``N/B``: ``fit`` passes ``num_data=N`` when the model accepts it
+and checks the scale of the observed sites (``pyro.plate("data", N, subsample=idx)``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import pyro
+import pyro.optim
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from torch.optim.swa_utils import SWALR
+from tqdm.auto import tqdm
+
+from .autoguide import SWAGCollector, SWAGGuide
+
+__all__ = ["FitResult", "fit"]
+
+_FORMAT = "pyro_swag.fit/1"
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns; unpacks as ``guide, history = fit(...)``.
+
+    Attributes
+    ----------
+    guide : SWAGGuide or None
+        The SWAG posterior (``None`` when fewer than 2 snapshots were collected, e.g. a run
+        stopped early by its callback).
+    history : dict of lists
+        Per epoch: ``epoch``, ``phase`` (``"pretrain"``/``"swa"``), ``loss`` (mean per-datum
+        negative log joint over the epoch's minibatches), ``lr``, ``snapshots`` (collected so
+        far); plus ``swa_lr`` (the resolved SWA learning rate, a float).
+    """
+
+    guide: SWAGGuide | None
+    history: dict[str, Any]
+
+
+class _TensorBatches:
+    """Shuffled minibatches of a tuple of tensors, drawn from the global torch RNG."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int) -> None:
+        self.tensors = tensors
+        self.n = tensors[0].shape[0]
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        perm = torch.randperm(self.n)
+        for i in range(0, self.n, self.batch_size):
+            idx = perm[i : i + self.batch_size]
+            yield tuple(t[idx.to(t.device)] for t in self.tensors)
+
+
+def _batches(data, batch_size, num_data):
+    """Return (iterable of batches, N)."""
+    if isinstance(data, torch.Tensor):
+        data = (data,)
+    if isinstance(data, (tuple, list)):
+        if not data or not all(isinstance(t, torch.Tensor) for t in data):
+            raise TypeError("data must be a tuple of tensors (x, y) or a DataLoader")
+        n = data[0].shape[0] if data[0].dim() else 0
+        if n == 0:
+            raise ValueError("data holds no rows (the first tensor is empty); pass non-empty data")
+        if any(t.dim() == 0 or t.shape[0] != n for t in data):
+            raise ValueError(
+                f"data tensors have first dimensions {[tuple(t.shape)[:1] for t in data]}; "
+                "they must all have the same number of rows"
+            )
+        if num_data is not None and num_data != n:
+            raise ValueError(f"num_data={num_data} but the data tuple has {n} rows; drop num_data")
+        bs = n if batch_size is None else batch_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got batch_size={batch_size!r}")
+        return _TensorBatches(tuple(data), min(bs, n)), n
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            f"data must be a tuple of tensors (x, y) or a DataLoader, got {type(data).__name__}"
+        )
+    if batch_size is not None:
+        raise ValueError(
+            f"batch_size={batch_size} applies to tensor data only; a loader uses its own "
+            "batch size: drop batch_size"
+        )
+    if num_data is None:
+        dataset = getattr(data, "dataset", None)
+        try:
+            num_data = len(dataset)
+        except TypeError:
+            raise ValueError(
+                "cannot tell the full data size of this loader (its dataset has no len()); "
+                "pass num_data=N so minibatch likelihoods are scaled by N / batch size"
+            ) from None
+    if hasattr(data, "__len__") and len(data) == 0 or num_data == 0:
+        raise ValueError("the loader is empty (0 batches); pass a loader that yields data")
+    return data, int(num_data)
+
+
+def _as_args(batch) -> tuple:
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch)
+    raise TypeError(
+        f"a batch must be a tensor or a tuple/list of tensors, got {type(batch).__name__}"
+    )
+
+
+def _accepts(model: Callable, name: str | None) -> bool:
+    if name is None:
+        return False
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _check_scaling(model, args, kwargs, num_data: int) -> None:
+    """Raise unless the observed sites of a minibatch are scaled by ``num_data / batch``."""
+    batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None
+    if batch is None or batch == num_data:
+        return
+    with torch.random.fork_rng(), torch.no_grad():
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
+    observed = [
+        (name, float(site["scale"]))
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and site["is_observed"]
+    ]
+    expected = num_data / batch
+    for name, scale in observed:
+        if abs(scale - expected) > 1e-4 * expected:
+            raise ValueError(
+                f"minibatch of {batch} of num_data={num_data} points, but the observed site "
+                f"{name!r} has likelihood scale {scale:g} instead of {expected:g}: the model does "
+                "not declare the full data size. Wrap the likelihood in "
+                f"pyro.plate('data', size={num_data}, subsample=torch.arange({batch})) (or accept "
+                "a num_data argument), or pass check_scaling=False if the scale is intended"
+            )
+
+
+def _unwrap(collector: SWAGCollector) -> tuple[Any, Callable]:
+    """(InitMessenger, model) of the collector's ``InitMessenger(init_loc_fn)(model)``."""
+    wrapped = collector.model
+    args = getattr(wrapped, "args", ())
+    if len(args) == 2 and isinstance(args[0], InitMessenger):
+        return args[0], args[1]
+    return None, wrapped
+
+
+def _check_model(collector: SWAGCollector, model: Callable) -> None:
+    if _unwrap(collector)[1] is not model:
+        raise ValueError(
+            "model is not the model the collector was built on; build it as "
+            "SWAGCollector(model) with the model passed to fit"
+        )
+
+
+def _use_network_init(collector: SWAGCollector, model: Callable) -> None:
+    """Start from the network's own init when the collector kept the default init_to_median."""
+    messenger, _ = _unwrap(collector)
+    init = getattr(model, "init_loc_fn", None)
+    if messenger is not None and messenger.init_fn is init_to_median and callable(init):
+        collector._model = (InitMessenger(init())(model),)
+
+
+def _lr(optim) -> float:
+    obj = next(iter(optim.optim_objs.values()), None)
+    if obj is None:
+        return float("nan")
+    opt = obj.optimizer if hasattr(obj, "optimizer") else obj
+    return float(opt.param_groups[0]["lr"])
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
+
+
+def fit(
+    model: Callable,
+    collector: SWAGCollector,
+    data: Any,
+    *,
+    epochs: int,
+    swa_start: int,
+    swa_lr: float | str,
+    batch_size: int | None = None,
+    num_data: int | None = None,
+    optim: pyro.optim.PyroOptim | None = None,
+    swa_momentum: float = 0.9,
+    anneal_epochs: int = 0,
+    anneal_strategy: str = "cos",
+    anneal_from: float | None = None,
+    collect_every: int = 1,
+    collect_every_steps: int | None = None,
+    clip_norm: float | None = None,
+    num_data_arg: str | None = "num_data",
+    check_scaling: bool = True,
+    seed: int | None = None,
+    quiet: bool | None = None,
+    callback: Callable[[int, dict], Any] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
+) -> FitResult:
+    """Train ``collector`` on ``data`` with the SWAG recipe and return the SWAG posterior.
+
+    Parameters
+    ----------
+    model : callable
+        The Pyro model, called as ``model(*batch, num_data=N)`` (``num_data`` only when its
+        signature accepts ``num_data_arg``). Must be ``collector.model``.
+    collector : SWAGCollector
+        The point-mass guide to train. If it has not run yet and was built with the default
+        ``init_to_median``, a model with an ``init_loc_fn()`` method (e.g.
+        :class:`~pyro_swag.models.BayesianMLP`) supplies the start; a collector already set up
+        (e.g. loaded from a MAP checkpoint) starts from its current ``loc``.
+    data : tuple of tensors or iterable of batches
+        ``(x, y)`` tensors, shuffled into minibatches of ``batch_size`` each epoch, or a
+        ``DataLoader`` (then ``N = len(loader.dataset)`` unless ``num_data`` is given).
+    epochs, swa_start : int
+        Total epochs; first epoch of the SWA phase (``0 <= swa_start < epochs``).
+    swa_lr : float or "auto"
+        Per-datum SGD learning rate of the SWA phase; ``"auto"`` asks
+        :func:`pyro_swag.lr.suggest_swa_lr` at ``swa_start``.
+    batch_size : int, optional
+        Minibatch size for tensor data (default: the whole data set).
+    optim : pyro.optim.PyroOptim, optional
+        Pre-training optimiser (default ``Adam(lr=0.01)``); a ``PyroLRScheduler`` is stepped
+        once per pre-training epoch.
+    swa_momentum : float
+        Momentum of the SWA phase's SGD.
+    anneal_epochs, anneal_strategy, anneal_from : int, {"cos", "linear"}, float
+        ``SWALR`` annealing from ``anneal_from`` to ``swa_lr`` over ``anneal_epochs`` epochs
+        (0: constant ``swa_lr``).
+    collect_every, collect_every_steps : int
+        Snapshot cadence of the SWA phase, in epochs or (when given) in SGD steps.
+    clip_norm : float, optional
+        Gradient norm clipping for both phases (the default optimiser's and the SWA
+        phase's; a user ``optim`` keeps its own ``clip_args`` unless it has none).
+    num_data_arg : str or None
+        Keyword through which the model receives ``N``; ``None`` never passes it.
+    check_scaling : bool
+        Check on the first minibatch that observed sites are scaled by ``N / B``.
+    seed : int, optional
+        ``pyro.set_rng_seed(seed)`` first.
+    quiet : bool, optional
+        ``True`` prints nothing; ``False`` always shows the progress bar; ``None`` shows it
+        only on a terminal.
+    callback : callable, optional
+        ``callback(epoch, history)`` after each epoch; returning ``True`` stops training.
+    checkpoint : path, optional
+        Write the training state there every ``checkpoint_every`` epochs (readable with
+        ``torch.load(path, weights_only=True)``).
+    resume : bool
+        Continue from ``checkpoint`` when the file exists (same arguments required).
+
+    Returns
+    -------
+    FitResult
+        ``(guide, history)``.
+    """
+    if not isinstance(collector, SWAGCollector):
+        raise TypeError(f"collector must be a SWAGCollector, got {type(collector).__name__}")
+    _check_model(collector, model)
+    _check_int("epochs", epochs, 1)
+    _check_int("swa_start", swa_start, 0)
+    if swa_start >= epochs:
+        raise ValueError(
+            f"swa_start={swa_start} must be < epochs={epochs}: SWAG collects during epochs "
+            f"[swa_start, epochs); lower swa_start or raise epochs"
+        )
+    _check_int("collect_every", collect_every, 1)
+    _check_int("anneal_epochs", anneal_epochs, 0)
+    _check_int("checkpoint_every", checkpoint_every, 1)
+    if collect_every_steps is not None:
+        _check_int("collect_every_steps", collect_every_steps, 1)
+    elif (epochs - swa_start) // collect_every < 2:
+        raise ValueError(
+            f"epochs={epochs}, swa_start={swa_start}, collect_every={collect_every} give "
+            f"{(epochs - swa_start) // collect_every} snapshot(s); SWAG needs at least 2"
+        )
+    if not (swa_lr == "auto" or isinstance(swa_lr, (int, float)) and 0 < swa_lr < math.inf):
+        raise ValueError(f"swa_lr must be a positive float or 'auto', got swa_lr={swa_lr!r}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=PATH, the file to resume from")
+    batches, n = _batches(data, batch_size, num_data)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    clip = {} if clip_norm is None else {"clip_norm": float(clip_norm)}
+    if optim is None:
+        optim = pyro.optim.Adam({"lr": 1e-2}, dict(clip))
+    elif clip and not optim.pt_clip_args:
+        optim.pt_clip_args = dict(clip)
+    kwargs = {num_data_arg: n} if _accepts(model, num_data_arg) else {}
+
+    first = next(iter(batches), None)
+    if first is None:
+        raise ValueError("the loader yielded no batches; pass a loader that yields data")
+    args = _as_args(first)
+    if check_scaling:
+        _check_scaling(model, args, kwargs, n)
+    if collector.prototype_trace is None:
+        _use_network_init(collector, model)
+        collector(*args, **kwargs)
+    if isinstance(batches, _TensorBatches) and batches.batch_size == n and collect_every_steps:
+        warnings.warn(
+            "full-batch SGD: SWAG's covariance then reflects only the deterministic "
+            "drift of the iterates; pass batch_size < N",
+            stacklevel=2,
+        )
+
+    config = {
+        "epochs": epochs,
+        "swa_start": swa_start,
+        "collect_every": collect_every,
+        "collect_every_steps": collect_every_steps,
+        "num_data": n,
+    }
+    history: dict[str, Any] = {
+        "epoch": [],
+        "phase": [],
+        "loss": [],
+        "lr": [],
+        "snapshots": [],
+        "swa_lr": None if swa_lr == "auto" else float(swa_lr),
+    }
+    start, swa_steps, swa_state = 0, 0, None
+    if resume and os.path.exists(checkpoint):
+        state = torch.load(checkpoint, weights_only=True, map_location=collector.loc.device)
+        if state.get("format") != _FORMAT or state["config"] != config:
+            raise ValueError(
+                f"checkpoint {os.fspath(checkpoint)!r} was written with {state.get('config')}, "
+                f"not {config}; resume with the same arguments or delete the file"
+            )
+        collector.load_state_dict(state["collector"])
+        store = dict(pyro.get_param_store().named_parameters())
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                store[name].copy_(value)
+        optim.set_state(state["optim"])
+        swa_state = state["swa_optim"]
+        history = state["history"]
+        start, swa_steps = state["epoch"], state["swa_steps"]
+        torch.set_rng_state(state["rng"].cpu())
+        if torch.cuda.is_available() and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+
+    def scaled(fn):
+        return poutine.scale(fn, scale=1.0 / n)
+
+    svi = SVI(scaled(model), scaled(collector), optim, Trace_ELBO())
+    swa_optim = None
+    bar = tqdm(
+        total=epochs,
+        initial=start,
+        desc="fit",
+        unit="epoch",
+        disable=True if quiet else (None if quiet is None else False),
+    )
+    try:
+        for epoch in range(start, epochs):
+            swa = epoch >= swa_start
+            if swa and swa_optim is None:
+                if history["swa_lr"] is None:
+                    history["swa_lr"] = _auto_lr(model, collector, batches, n, kwargs)
+                lr = history["swa_lr"]
+                swa_optim = pyro.optim.PyroLRScheduler(
+                    SWALR,
+                    {
+                        "optimizer": torch.optim.SGD,
+                        "optim_args": {"lr": anneal_from or lr, "momentum": swa_momentum},
+                        "swa_lr": lr,
+                        "anneal_epochs": anneal_epochs,
+                        "anneal_strategy": anneal_strategy,
+                    },
+                    dict(clip),
+                )
+                if swa_state is not None:
+                    swa_optim.set_state(swa_state)
+                svi = SVI(scaled(model), scaled(collector), swa_optim, Trace_ELBO())
+            total, count = 0.0, 0
+            for batch in batches:
+                loss = svi.step(*_as_args(batch), **kwargs)
+                if not math.isfinite(loss):
+                    raise RuntimeError(
+                        f"the loss became {loss} in epoch {epoch} (phase "
+                        f"{'swa' if swa else 'pretrain'}); lower the learning rate or set clip_norm"
+                    )
+                total, count = total + loss, count + 1
+                if swa and collect_every_steps:
+                    swa_steps += 1
+                    if swa_steps % collect_every_steps == 0:
+                        collector.collect()
+            if count == 0:
+                raise ValueError(f"the loader yielded no batches in epoch {epoch}")
+            cur = swa_optim if swa else optim
+            lr_used = _lr(cur)
+            if swa:
+                if not collect_every_steps and (epoch - swa_start + 1) % collect_every == 0:
+                    collector.collect()
+                swa_optim.step()
+            else:
+                _step_scheduler(optim, total / count)
+            for key, value in (
+                ("epoch", epoch),
+                ("phase", "swa" if swa else "pretrain"),
+                ("loss", total / count),
+                ("lr", lr_used),
+                ("snapshots", collector.num_snapshots),
+            ):
+                history[key].append(value)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{total / count:.4g}", lr=f"{lr_used:.3g}", snapshots=collector.num_snapshots
+            )
+            done = epoch + 1
+            if checkpoint is not None and (done % checkpoint_every == 0 or done == epochs):
+                _save(checkpoint, config, done, swa_steps, collector, optim, swa_optim, history)
+            if callback is not None and callback(epoch, history) is True:
+                break
+    finally:
+        bar.close()
+    guide = collector.swag_guide() if collector.num_snapshots >= 2 else None
+    return FitResult(guide, history)
+
+
+def _step_scheduler(optim, loss: float) -> None:
+    """Step a user ``PyroLRScheduler`` once per pre-training epoch (plain optimisers: no-op)."""
+    sched = next(iter(optim.optim_objs.values()), None)
+    if sched is None or not hasattr(sched, "optimizer"):
+        return
+    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        optim.step(loss)
+    else:
+        optim.step()
+
+
+def _auto_lr(model, collector, batches, n, kwargs) -> float:
+    try:
+        from .lr import suggest_swa_lr
+    except ImportError as err:  # pragma: no cover - depends on the optional module
+        raise RuntimeError(
+            "swa_lr='auto' needs pyro_swag.lr.suggest_swa_lr, which is not available; "
+            "pass a number, e.g. swa_lr=0.01"
+        ) from err
+    lr = float(suggest_swa_lr(model, collector, [_as_args(b) for b in batches], num_data=n))
+    if not 0 < lr < math.inf:
+        raise RuntimeError(f"suggest_swa_lr returned {lr}; pass swa_lr explicitly")
+    return lr
+
+
+def _save(path, config, epoch, swa_steps, collector, optim, swa_optim, history) -> None:
+    state = {
+        "format": _FORMAT,
+        "config": config,
+        "epoch": epoch,
+        "swa_steps": swa_steps,
+        "collector": collector.state_dict(),
+        "params": {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()},
+        "optim": optim.get_state(),
+        "swa_optim": None if swa_optim is None else swa_optim.get_state(),
+        "history": history,
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
