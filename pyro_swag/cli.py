@@ -1,0 +1,99 @@
+"""The ``pyro-swag`` console command.
+
+``pyro-swag compare`` runs :func:`pyro_swag.compare.compare` (SWAG against SGD/MAP, SWA,
+MultiSWAG, SVI and NUTS) and writes the report directory. Examples::
+
+    pyro-swag compare                          # diabetes, the embedded default
+    pyro-swag compare --dataset digits --out digits-report
+    pyro-swag compare --uci yacht --data-dir ../shared/data/UCI_Datasets --split 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .compare import METHODS
+    from .data import SKLEARN_DATASETS, UCI_DATASETS
+
+    parser = argparse.ArgumentParser(prog="pyro-swag", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmp = sub.add_parser(
+        "compare", help="SWAG vs SGD/MAP, SWA, MultiSWAG, SVI and NUTS on one dataset",
+        description="Fit every method on one dataset and write report.md, results.json, "
+        "PNG plots and one netCDF DataTree per method into --out.",
+    )
+    src = cmp.add_mutually_exclusive_group()
+    src.add_argument("--dataset", default="diabetes",
+                     help=f"built-in dataset: {', '.join(sorted(SKLEARN_DATASETS))} "
+                     "(default diabetes)")
+    src.add_argument("--uci", metavar="NAME",
+                     help=f"UCI set: {', '.join(sorted(UCI_DATASETS))}")
+    cmp.add_argument("--data-dir", help="UCI data directory (default $PYRO_SWAG_DATA or "
+                     "../shared/data/UCI_Datasets)")
+    cmp.add_argument("--split", type=int, default=0, help="split index (default 0)")
+    cmp.add_argument("--out", default="compare-out", help="output directory")
+    cmp.add_argument("--hidden", type=int, nargs="+", default=[50],
+                     help="hidden layer widths (default 50)")
+    cmp.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                     metavar="METHOD", help=f"subset of: {' '.join(METHODS)}")
+    cmp.add_argument("--num-samples", type=int, default=100, help="draws per method")
+    cmp.add_argument("--pretrain-steps", type=int, default=None)
+    cmp.add_argument("--svi-steps", type=int, default=None)
+    cmp.add_argument("--nuts-budget", type=float, default=None, metavar="SECONDS",
+                     help="stop NUTS (reported as skipped) after this long")
+    cmp.add_argument("--quick", action="store_true",
+                     help="tiny settings for a smoke run (seconds, not minutes)")
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--threads", type=int, default=1,
+                     help="torch threads (default 1: small nets run best single-threaded)")
+    cmp.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _config(args):
+    from .compare import CompareConfig, quick_config
+
+    base = quick_config() if args.quick else CompareConfig()
+    overrides = {"hidden": tuple(args.hidden), "methods": tuple(args.methods),
+                 "num_samples": args.num_samples, "seed": args.seed}
+    if args.quick and args.num_samples == 100:
+        overrides.pop("num_samples")
+    for key, attr in (("pretrain_steps", "pretrain_steps"), ("svi_steps", "svi_steps"),
+                      ("nuts_budget", "nuts_budget_s")):
+        if getattr(args, key) is not None:
+            overrides[attr] = getattr(args, key)
+    values = {**base.__dict__, **overrides}
+    return CompareConfig(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pyro-swag`` console script."""
+    args = _parser().parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    from .compare import compare
+    from .compare_report import markdown
+
+    try:
+        config = _config(args)
+        name = f"uci:{args.uci}" if args.uci else args.dataset
+        summary = compare(name, args.out, config=config, split=args.split,
+                          data_dir=args.data_dir, quiet=args.quiet)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"pyro-swag compare: error: {err}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(markdown(summary))
+    print(f"report written to {args.out}/report.md")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,225 @@
+r"""The main job: SWAG against SGD/MAP, SWA, MultiSWAG, SVI and NUTS on one model, one report.
+
+:func:`compare` fits every method on the training split of a :class:`~pyro_swag.data.Dataset`,
+scores each one on the test split with the same code (:mod:`pyro_swag.report`), and writes an
+output directory (``report.md``, ``results.json``, PNG plots, one netCDF DataTree per method).
+
+Every method yields posterior draws ``{site: (S, ...)}`` of the model's latent sites; the test
+predictive is the mixture :math:`p(y \mid x) \approx \frac1S \sum_s p(y \mid x, \theta_s)`.
+The model contract is the one of :class:`~pyro_swag.models.BayesianMLP`:
+``model(x, y=None, num_data=None)`` with the observed site ``"obs"`` in a data plate of size
+``num_data``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from . import compare_report as report
+from .compare_methods import METHODS, MethodResult, run_method
+from .data import Dataset, load_dataset
+from .models import BayesianMLP
+
+__all__ = ["CompareConfig", "METHODS", "compare", "make_model", "quick_config"]
+
+
+@dataclass
+class CompareConfig:
+    """Settings of :func:`compare` (defaults: the README's ≤ 5-minute run on 2 cores).
+
+    Attributes
+    ----------
+    hidden : tuple of int
+        Hidden widths of the default :class:`~pyro_swag.models.BayesianMLP`.
+    batch_size : int
+        Minibatch size of SGD/SVI.
+    pretrain_steps : int
+        Adam (MAP) steps before the SWA phase.
+    pretrain_lr : float
+        Adam learning rate.
+    swa_c : float
+        SWA learning rate per datum is ``swa_c / tau_hat`` (``tau_hat`` the learned noise
+        precision after pre-training; 1 for classification).
+    swa_snapshots : int
+        Snapshots collected in the SWA phase (one per epoch, or per ``max_collect_every``
+        steps when epochs are longer).
+    rank : int
+        SWAG rank ``K``.
+    num_samples : int
+        Posterior draws per method for the test predictive.
+    multiswag_runs : int
+        Independent SWAG runs of MultiSWAG (the SWAG run is the first).
+    svi_steps, svi_lr : int, float
+        SVI baselines' Adam steps and learning rate.
+    nuts_warmup, nuts_samples, nuts_max_tree_depth : int
+        NUTS budget in iterations.
+    nuts_budget_s : float
+        NUTS is stopped and reported as skipped when it runs longer than this.
+    calibration : {"elbo", "psis", "validation"}
+        Scale selection of calibrated SWAG (:func:`pyro_swag.calibrate.calibrate`);
+        ``"validation"`` scores the training data (no split is held out).
+    methods : tuple of str
+        Subset of :data:`METHODS` to run.
+    seed : int
+        Base seed.
+    """
+
+    hidden: tuple[int, ...] = (50,)
+    batch_size: int = 32
+    pretrain_steps: int = 4000
+    pretrain_lr: float = 1e-2
+    pretrain_batch_size: int = 2048
+    jit: bool = True
+    swa_c: float = 0.1
+    swa_snapshots: int = 50
+    max_collect_every: int = 50
+    rank: int = 20
+    num_samples: int = 100
+    multiswag_runs: int = 3
+    svi_steps: int = 4000
+    svi_lr: float = 1e-2
+    nuts_warmup: int = 200
+    nuts_samples: int = 200
+    nuts_max_tree_depth: int = 8
+    nuts_budget_s: float = 150.0
+    calibration: str = "elbo"
+    methods: tuple[str, ...] = METHODS
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(
+                f"methods={list(self.methods)} has unknown {unknown}; choose from {METHODS}"
+            )
+        for name in ("batch_size", "pretrain_steps", "swa_snapshots", "rank", "num_samples",
+                     "multiswag_runs", "svi_steps", "nuts_samples", "max_collect_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
+        if self.swa_snapshots < 2:
+            raise ValueError(f"swa_snapshots must be >= 2, got swa_snapshots={self.swa_snapshots}")
+
+
+def quick_config(**overrides) -> CompareConfig:
+    """Tiny settings for smoke runs and tests (every method, seconds instead of minutes)."""
+    values = dict(
+        pretrain_steps=300, swa_snapshots=10, rank=5, num_samples=20, multiswag_runs=2,
+        svi_steps=300, nuts_warmup=30, nuts_samples=30, nuts_max_tree_depth=5,
+        nuts_budget_s=30.0, jit=False,
+    )
+    values.update(overrides)
+    return CompareConfig(**values)
+
+
+def make_model(data: Dataset, hidden: Sequence[int] = (50,), seed: int = 0) -> BayesianMLP:
+    """The default model: a :class:`BayesianMLP` with the dataset's likelihood."""
+    torch.manual_seed(seed)  # the network's own fan-in init depends on it
+    return BayesianMLP(data.in_features, data.out_features, tuple(hidden), data.likelihood)
+
+
+def _move_into(tmp: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").unlink(missing_ok=True)  # the completion marker goes last
+    for item in sorted(tmp.iterdir(), key=lambda p: p.name == "results.json"):
+        target = out / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        shutil.move(str(item), str(target))
+
+
+def compare(
+    data: Dataset | str = "diabetes",
+    out_dir: str | Path | None = "compare-out",
+    *,
+    model: Callable | None = None,
+    model_factory: Callable[[int], Callable] | None = None,
+    config: CompareConfig | None = None,
+    split: int = 0,
+    data_dir: str | Path | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Run every method of ``config.methods`` on ``data`` and write a report to ``out_dir``.
+
+    Parameters
+    ----------
+    data : Dataset or str
+        A dataset, or a name for :func:`~pyro_swag.data.load_dataset`.
+    out_dir : path or None
+        Output directory; files are written to a temporary sibling and moved in at the end,
+        ``results.json`` last (its presence marks a complete report). ``None``: no files.
+    model : callable, optional
+        A Pyro model ``model(x, y=None, num_data=None)``; default :func:`make_model`.
+    model_factory : callable, optional
+        ``seed -> model``, used for MultiSWAG's independent initialisations (default: the
+        default model with a new seed, or ``model`` itself when one is given).
+    config : CompareConfig, optional
+        Method settings.
+    split : int
+        Split index when ``data`` is a name.
+    data_dir : path, optional
+        UCI data directory when ``data`` names a UCI set.
+    quiet : bool
+        No progress bars.
+
+    Returns
+    -------
+    dict
+        The content of ``results.json``: ``{"dataset": ..., "config": ..., "methods":
+        {name: {metric: value, ...}}}``.
+    """
+    config = config or CompareConfig()
+    if isinstance(data, str):
+        data = load_dataset(data, split, data_dir=data_dir)  # bad input fails before any file
+    if not isinstance(data, Dataset):
+        raise TypeError(f"data must be a Dataset or a dataset name, got data={type(data).__name__}")
+    if model is None:
+        model = make_model(data, config.hidden, config.seed)
+        if model_factory is None:
+            def model_factory(seed):
+                return make_model(data, config.hidden, seed)
+    elif model_factory is None:
+        def model_factory(seed):
+            return model
+
+    results: dict[str, MethodResult] = {}
+    state: dict = {}
+    bar = tqdm(config.methods, desc="compare", disable=quiet, leave=True)
+    for name in bar:
+        bar.set_postfix_str(name)
+        pyro.set_rng_seed(config.seed)
+        start = time.perf_counter()
+        try:
+            res = run_method(name, model, model_factory, data, config, state, quiet)
+        except (ValueError, RuntimeError) as err:  # a diverged fit is a result, not a crash
+            res = MethodResult(name, status="failed", note=f"{type(err).__name__}: {err}")
+        if res.wall_s is None:
+            res.wall_s = time.perf_counter() - start
+        results[name] = res
+
+    summary, evals = report.summarise(model, data, results, config)
+    summary["config"] = {k: list(v) if isinstance(v, tuple) else v
+                         for k, v in asdict(config).items()}
+    if out_dir is None:
+        return summary
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        report.write_outputs(tmp, model, data, results, summary, evals)
+        (tmp / "results.json").write_text(json.dumps(summary, indent=2, default=float))
+        _move_into(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary

@@ -1,0 +1,289 @@
+"""The methods of :func:`pyro_swag.compare.compare`, one small function each.
+
+Each returns a :class:`MethodResult` holding posterior draws ``{site: (S, ...)}`` of the
+model's latent sites (constrained), plus the guide or MCMC object it came from. SGD/MAP, SWA,
+SWAG and SWAG-Diag share one training trajectory (Adam pre-training to the MAP, then SGD with
+momentum at the per-datum learning rate ``swa_c / tau_hat``, see ``docs/compare.md``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro
+import pyro.optim
+import torch
+from pyro.infer import MCMC, SVI, JitTrace_ELBO, Trace_ELBO
+from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
+from pyro.infer.autoguide.initialization import init_to_median, init_to_value
+from tqdm.auto import tqdm
+
+from .autoguide import SWAGCollector
+from .datatree import RecordingNUTS
+from .multiswag import MultiSWAG
+from .train import fit
+
+__all__ = ["METHODS", "MethodResult", "run_method", "guide_draws", "train_swag"]
+
+#: Method names, in report order.
+METHODS = (
+    "map", "swa", "swag", "swag_diag", "multiswag", "calibrated_swag",
+    "svi_normal", "svi_lowrank", "nuts",
+)
+LABELS = {
+    "map": "SGD/MAP", "swa": "SWA", "swag": "SWAG", "swag_diag": "SWAG-Diag",
+    "multiswag": "MultiSWAG", "calibrated_swag": "calibrated SWAG",
+    "svi_normal": "SVI AutoNormal", "svi_lowrank": "SVI AutoLowRankMVN", "nuts": "NUTS",
+}
+
+
+@dataclass
+class MethodResult:
+    """One method's posterior draws and bookkeeping."""
+
+    name: str
+    status: str = "ok"  # "ok", "skipped" or "failed"
+    note: str = ""
+    draws: dict[str, torch.Tensor] | None = None
+    guide: Any = None
+    mcmc: Any = None
+    wall_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _init_fn(model):
+    make = getattr(model, "init_loc_fn", None)
+    return make() if callable(make) else init_to_median
+
+
+def _batches(n: int, batch: int):
+    while True:
+        perm = torch.randperm(n)
+        for i in range(0, n - batch + 1, batch):
+            yield perm[i : i + batch]
+
+
+def _elbo(config):
+    # The compiled ELBO is ~3x faster on small nets (Pyro's overhead dominates them).
+    if config.jit:
+        return JitTrace_ELBO(ignore_jit_warnings=True)
+    return Trace_ELBO()
+
+
+def _precision(model, values: dict[str, torch.Tensor]) -> float:
+    """Noise precision ``tau_hat`` at the MAP (1 for classification)."""
+    if "precision" in values:
+        return float(values["precision"])
+    noise = getattr(model, "noise", None)
+    if isinstance(noise, (int, float)) and getattr(model, "likelihood", "") == "gaussian":
+        return 1.0 / float(noise) ** 2
+    return 1.0
+
+
+@torch.no_grad()
+def guide_draws(guide, data, num_samples: int) -> dict[str, torch.Tensor]:
+    """``num_samples`` draws of every latent site from an autoguide (constrained values)."""
+    args, kw = (data.x_train, data.y_train), {"num_data": data.x_train.shape[0]}
+    samples = [guide(*args, **kw) for _ in range(num_samples)]
+    return {k: torch.stack([s[k].detach() for s in samples]) for k in samples[0]}
+
+
+def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") -> dict:
+    """Adam pre-training to the MAP, then :func:`pyro_swag.train.fit`'s SWA phase.
+
+    Returns a dict with the collector, the SWAG guide, the MAP values, ``tau_hat``,
+    the SWA learning rate and the wall times of both phases.
+    """
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    x, y = data.x_train, data.y_train
+    n = x.shape[0]
+    batch = min(config.batch_size, n)
+    pre_batch = min(config.pretrain_batch_size or batch, n)
+    collector = SWAGCollector(model, rank=config.rank, init_loc_fn=_init_fn(model))
+    steps = config.pretrain_steps
+    optim = pyro.optim.ClippedAdam(
+        {"lr": config.pretrain_lr, "clip_norm": 10.0, "lrd": 0.1 ** (1 / steps)}
+    )
+    scaled = pyro.poutine.scale(model, scale=1.0 / n)
+    svi = SVI(scaled, pyro.poutine.scale(collector, scale=1.0 / n), optim, _elbo(config))
+    start = time.perf_counter()
+    it = _batches(n, pre_batch)
+    for _ in tqdm(range(steps), desc=f"{desc} pre-train", disable=quiet, leave=False):
+        idx = next(it)
+        loss = svi.step(x[idx], y[idx], num_data=n)
+        if not math.isfinite(loss):
+            raise RuntimeError(f"{desc}: pre-training loss became {loss}; lower pretrain_lr")
+    with torch.no_grad():  # the point mass's (constrained) site values
+        map_values = {k: v.detach().clone() for k, v in collector(x, y, num_data=n).items()}
+    pretrain_s = time.perf_counter() - start
+    tau = _precision(model, map_values)
+    lr = config.swa_c / tau
+    per_epoch = math.ceil(n / batch)
+    if per_epoch <= config.max_collect_every:
+        epochs, every, every_steps = config.swa_snapshots, 1, None
+    else:
+        every_steps = config.max_collect_every
+        epochs, every = math.ceil(config.swa_snapshots * every_steps / per_epoch), 1
+    start = time.perf_counter()
+    guide, history = fit(
+        model, collector, (x, y), epochs=epochs, swa_start=0, swa_lr=lr, batch_size=batch,
+        collect_every=every, collect_every_steps=every_steps, quiet=True if quiet else None,
+    )
+    if guide is None or not torch.isfinite(guide.loc).all():
+        raise RuntimeError(f"{desc}: the SWA phase diverged (swa_lr={lr:.3g}); lower swa_c")
+    return {
+        "collector": collector, "guide": guide, "map": map_values, "tau_hat": tau,
+        "swa_lr": lr, "pretrain_s": pretrain_s, "swa_s": time.perf_counter() - start,
+        "snapshots": collector.num_snapshots,
+    }
+
+
+def _swag_run(ctx) -> dict:
+    if "swag_run" not in ctx.state:
+        ctx.state["swag_run"] = train_swag(
+            ctx.model, ctx.data, ctx.config, ctx.config.seed, ctx.quiet
+        )
+    return ctx.state["swag_run"]
+
+
+def _info(run: dict) -> dict:
+    return {k: run[k] for k in ("tau_hat", "swa_lr", "snapshots")}
+
+
+def _map(ctx) -> MethodResult:
+    run = _swag_run(ctx)
+    draws = {k: v.unsqueeze(0) for k, v in run["map"].items()}
+    return MethodResult("map", draws=draws, wall_s=run["pretrain_s"],
+                        note="Adam pre-training end point (one draw)")
+
+
+def _swa(ctx) -> MethodResult:
+    run = _swag_run(ctx)
+    draws = {k: v.detach().unsqueeze(0) for k, v in run["guide"].median().items()}
+    return MethodResult("swa", draws=draws, wall_s=run["pretrain_s"] + run["swa_s"],
+                        note="SWAG mean (one draw)", extra=_info(run))
+
+
+def _swag_like(ctx, name: str, diagonal: bool) -> MethodResult:
+    run = _swag_run(ctx)
+    start = time.perf_counter()
+    guide = run["collector"].swag_guide(diagonal=diagonal)
+    draws = guide_draws(guide, ctx.data, ctx.config.num_samples)
+    wall = run["pretrain_s"] + run["swa_s"] + time.perf_counter() - start
+    return MethodResult(name, draws=draws, guide=guide, wall_s=wall, extra=_info(run))
+
+
+def _multiswag(ctx) -> MethodResult:
+    cfg = ctx.config
+    run = _swag_run(ctx)
+    guides = [run["guide"]]
+    start = time.perf_counter()
+    for k in range(1, cfg.multiswag_runs):
+        model_k = ctx.model_factory(cfg.seed + k)
+        guides.append(train_swag(model_k, ctx.data, cfg, cfg.seed + k, ctx.quiet,
+                                 desc=f"multiswag {k + 1}/{cfg.multiswag_runs}")["guide"])
+    guide = MultiSWAG(guides, model=ctx.model)
+    draws = guide_draws(guide, ctx.data, cfg.num_samples)
+    wall = run["pretrain_s"] + run["swa_s"] + time.perf_counter() - start
+    return MethodResult("multiswag", draws=draws, guide=guide, wall_s=wall,
+                        note=f"mixture of {len(guides)} independent SWAG runs")
+
+
+def _calibrated(ctx) -> MethodResult:
+    from .calibrate import calibrate
+
+    run = _swag_run(ctx)
+    data, cfg = ctx.data, ctx.config
+    start = time.perf_counter()
+    guide = run["collector"].swag_guide()
+    result = calibrate(ctx.model, guide, data.x_train, data.y_train, method=cfg.calibration,
+                       num_samples=cfg.num_samples)
+    draws = guide_draws(guide, data, cfg.num_samples)
+    wall = run["pretrain_s"] + run["swa_s"] + time.perf_counter() - start
+    return MethodResult("calibrated_swag", draws=draws, guide=guide, wall_s=wall,
+                        note=f"scale={result.scale:.3g} chosen by {cfg.calibration}",
+                        extra={"scale": float(result.scale)})
+
+
+def _svi(ctx, name: str, guide_cls) -> MethodResult:
+    cfg, data = ctx.config, ctx.data
+    pyro.clear_param_store()
+    pyro.set_rng_seed(cfg.seed)
+    x, y = data.x_train, data.y_train
+    n = x.shape[0]
+    batch = min(cfg.batch_size, n)
+    guide = guide_cls(ctx.model, init_loc_fn=_init_fn(ctx.model), init_scale=0.01)
+    optim = pyro.optim.ClippedAdam(
+        {"lr": cfg.svi_lr, "clip_norm": 10.0, "lrd": 0.1 ** (1 / cfg.svi_steps)}
+    )
+    svi = SVI(pyro.poutine.scale(ctx.model, scale=1.0 / n),
+              pyro.poutine.scale(guide, scale=1.0 / n), optim, _elbo(cfg))
+    start = time.perf_counter()
+    it = _batches(n, batch)
+    for _ in tqdm(range(cfg.svi_steps), desc=name, disable=ctx.quiet, leave=False):
+        idx = next(it)
+        loss = svi.step(x[idx], y[idx], num_data=n)
+        if not math.isfinite(loss):
+            raise RuntimeError(f"{name}: the ELBO became {loss}; lower svi_lr")
+    draws = guide_draws(guide, data, cfg.num_samples)
+    return MethodResult(name, draws=draws, guide=guide, wall_s=time.perf_counter() - start)
+
+
+class _OverBudget(Exception):
+    pass
+
+
+def _nuts(ctx) -> MethodResult:
+    cfg, data = ctx.config, ctx.data
+    run = _swag_run(ctx)
+    start = time.perf_counter()
+
+    def hook(kernel, samples, stage, i):
+        if time.perf_counter() - start > cfg.nuts_budget_s:
+            raise _OverBudget(f"{stage} iteration {i}")
+
+    kernel = RecordingNUTS(ctx.model, max_tree_depth=cfg.nuts_max_tree_depth,
+                  init_strategy=init_to_value(values=run["map"]))
+    mcmc = MCMC(kernel, num_samples=cfg.nuts_samples, warmup_steps=cfg.nuts_warmup,
+                hook_fn=hook, disable_progbar=ctx.quiet)
+    try:
+        mcmc.run(data.x_train, data.y_train)
+    except _OverBudget as err:
+        return MethodResult("nuts", status="skipped", wall_s=time.perf_counter() - start,
+                            note=f"over the time budget of {cfg.nuts_budget_s:g} s at {err}")
+    draws = {k: v.detach() for k, v in mcmc.get_samples().items()}
+    return MethodResult("nuts", draws=draws, mcmc=mcmc, wall_s=time.perf_counter() - start,
+                        note=f"{cfg.nuts_warmup} warm-up + {cfg.nuts_samples} draws from the MAP")
+
+
+@dataclass
+class _Context:
+    model: Any
+    model_factory: Any
+    data: Any
+    config: Any
+    quiet: bool
+    state: dict
+
+
+_RUNNERS = {
+    "map": _map,
+    "swa": _swa,
+    "swag": lambda ctx: _swag_like(ctx, "swag", False),
+    "swag_diag": lambda ctx: _swag_like(ctx, "swag_diag", True),
+    "multiswag": _multiswag,
+    "calibrated_swag": _calibrated,
+    "svi_normal": lambda ctx: _svi(ctx, "svi_normal", AutoNormal),
+    "svi_lowrank": lambda ctx: _svi(ctx, "svi_lowrank", AutoLowRankMultivariateNormal),
+    "nuts": _nuts,
+}
+
+
+def run_method(name, model, model_factory, data, config, state: dict, quiet=False):
+    """Run method ``name``; ``state`` carries the shared SWAG trajectory between methods."""
+    ctx = _Context(model, model_factory, data, config, quiet, state)
+    return _RUNNERS[name](ctx)

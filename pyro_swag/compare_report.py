@@ -1,0 +1,176 @@
+"""Scoring, ``report.md``, PNG plots and per-method netCDF files of :func:`pyro_swag.compare`."""
+
+from __future__ import annotations
+
+import math
+import platform
+from pathlib import Path
+
+import torch
+
+from .compare_methods import LABELS
+from .compare_metrics import agreement, pointwise, scores
+
+__all__ = ["summarise", "write_outputs"]
+
+
+def _tree_and_loo(model, data, res, num_draws: int):
+    """The method's DataTree (training data) and its corrected PSIS-LOO summary."""
+    from .datatree import loo, to_datatree
+
+    source = res.mcmc if res.mcmc is not None else res.guide
+    if source is None:  # point estimates: posterior group only, no LOO
+        return _point_tree(res), {}
+    args, kwargs = (data.x_train,), {"y": data.y_train}
+    chains = getattr(source, "num_runs", None) or 1
+    draws = max(1, num_draws // chains) if res.mcmc is None else None
+    try:
+        dt = to_datatree(source, args, kwargs, model=model, num_chains=chains, num_draws=draws)
+        elpd = loo(dt)
+    except (ValueError, RuntimeError, TypeError) as err:
+        return None, {"loo_note": f"DataTree/LOO failed: {type(err).__name__}: {err}"}
+    return dt, {
+        "loo_elpd": float(elpd.elpd), "loo_se": float(elpd.se),
+        "loo_max_k": float(elpd.pareto_k.max()),
+    }
+
+
+def _point_tree(res):
+    import xarray as xr
+
+    posterior = {}
+    for site, v in res.draws.items():
+        arr = v.detach().cpu().numpy()[None]
+        dims = ["chain", "draw"] + [f"{site}_dim_{i}" for i in range(arr.ndim - 2)]
+        posterior[site] = (dims, arr)
+    return xr.DataTree.from_dict({"posterior": xr.Dataset(posterior)})
+
+
+def summarise(model, data, results: dict, config) -> tuple[dict, dict]:
+    """Score every method on the test split; returns ``(summary, evals)``.
+
+    ``summary`` is JSON-ready; ``evals`` keeps tensors (predictive means/sds/probabilities)
+    for the plots.
+    """
+    x, y = data.x_test, data.y_test
+    evals, methods = {}, {}
+    for name, res in results.items():
+        row = {"label": LABELS.get(name, name), "status": res.status, "note": res.note,
+               "wall_s": res.wall_s, **{k: v for k, v in res.extra.items()
+                                        if isinstance(v, (int, float, str))}}
+        if res.status == "ok":
+            sc = scores(pointwise(model, res.draws, x, y, data.likelihood), data, y)
+            evals[name] = sc
+            row.update({k: v for k, v in sc.items() if not k.startswith("_")})
+            tree, loo_row = _tree_and_loo(model, data, res, config.num_samples)
+            sc["_tree"] = tree
+            row.update(loo_row)
+        methods[name] = row
+    ref = results.get("nuts")
+    if ref is not None and ref.status == "ok":
+        for name, res in results.items():
+            if name != "nuts" and name in evals:
+                methods[name]["vs_nuts"] = agreement(
+                    evals[name], evals["nuts"], res.draws, ref.draws, data
+                )
+    summary = {
+        "dataset": {
+            "name": data.name, "split": data.split, "likelihood": data.likelihood,
+            "num_train": int(data.x_train.shape[0]), "num_test": int(x.shape[0]),
+            "in_features": data.in_features, "y_mean": data.y_mean, "y_std": data.y_std,
+        },
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "threads": torch.get_num_threads()},
+        "methods": methods,
+    }
+    return summary, evals
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(summary: dict) -> str:
+    reg = summary["dataset"]["likelihood"] == "gaussian"
+    cols = [("test LL", "test_ll"), ("RMSE" if reg else "accuracy", "rmse" if reg else "accuracy")]
+    if not reg:
+        cols.append(("ECE", "ece"))
+    cols += [("cov 90%", "coverage_90"), ("cov 95%", "coverage_95"), ("LOO elpd", "loo_elpd"),
+             ("± se", "loo_se"), ("max k̂", "loo_max_k"), ("wall s", "wall_s")]
+    lines = ["| method | " + " | ".join(c for c, _ in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for row in summary["methods"].values():
+        if row["status"] != "ok":
+            lines.append(f"| {row['label']} | {row['status']}: {row['note']} |"
+                         + " |" * (len(cols) - 1))
+            continue
+        digits = {"wall_s": 1, "loo_elpd": 1, "loo_se": 1, "loo_max_k": 2}
+        cells = [_fmt(row.get(k), digits.get(k, 3)) for _, k in cols]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _agreement_table(summary: dict) -> str:
+    rows = [(r["label"], r["vs_nuts"]) for r in summary["methods"].values() if "vs_nuts" in r]
+    if not rows:
+        return ""
+    keys = list(rows[0][1])
+    head = "| method | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys)
+    body = "\n".join(f"| {lab} | " + " | ".join(_fmt(a[k]) for k in keys) + " |"
+                     for lab, a in rows)
+    return head + "\n" + body
+
+
+def markdown(summary: dict) -> str:
+    """The ``report.md`` text."""
+    ds = summary["dataset"]
+    units = " (original units)" if ds["likelihood"] == "gaussian" else ""
+    parts = [
+        f"# pyro-swag compare: {ds['name']} (split {ds['split']})",
+        "",
+        f"{ds['num_train']} training / {ds['num_test']} test points, {ds['in_features']} "
+        f"inputs, {ds['likelihood']} likelihood. Test log-likelihood per point{units}; "
+        "coverage of central predictive intervals (classification: of the smallest class "
+        "sets) on the test split; corrected PSIS-LOO on the training split (elpd ± se, "
+        "largest Pareto k̂; k̂ > 0.7 means unreliable); wall time of fit + draws.",
+        "",
+        _table(summary),
+        "",
+    ]
+    notes = [f"- {r['label']}: {r['note']}" for r in summary["methods"].values()
+             if r.get("note") and r["status"] == "ok"]
+    notes += [f"- {r['label']}: {r['loo_note']}" for r in summary["methods"].values()
+              if r.get("loo_note")]
+    if notes:
+        parts += ["Notes:", "", *notes, ""]
+    agree = _agreement_table(summary)
+    if agree:
+        parts += [
+            "## Agreement with NUTS", "",
+            "Predictive mean / sd error: RMS over test points of the difference to NUTS's "
+            "(original units); `w2_marginal`: mean over latent scalars of the 1-D "
+            "Wasserstein-2 distance to NUTS's marginal, in units of NUTS's marginal sd.",
+            "", agree, "",
+        ]
+    else:
+        parts += ["NUTS did not run or did not finish; no agreement table.", ""]
+    parts += ["Plots: `predictive.png`, `calibration.png`, `forest.png`. Per-method "
+              "DataTrees: `<method>.nc`. Numbers: `results.json`.", ""]
+    return "\n".join(parts)
+
+
+def write_outputs(out: Path, model, data, results: dict, summary: dict, evals: dict) -> None:
+    """Write report.md, plots and netCDF files into ``out``."""
+    from . import compare_plots
+
+    (out / "report.md").write_text(markdown(summary))
+    compare_plots.predictive_plot(out / "predictive.png", data, evals, summary)
+    compare_plots.calibration_plot(out / "calibration.png", data, evals, results, model, summary)
+    compare_plots.forest_plot(out / "forest.png", results, summary)
+    for name, ev in evals.items():
+        if ev.get("_tree") is not None:
+            ev["_tree"].to_netcdf(out / f"{name}.nc", engine="h5netcdf")
