@@ -117,7 +117,11 @@ def _batches(data, batch_size, num_data):
                 "cannot tell the full data size of this loader (its dataset has no len()); "
                 "pass num_data=N so minibatch likelihoods are scaled by N / batch size"
             ) from None
-    if hasattr(data, "__len__") and len(data) == 0 or num_data == 0:
+    try:
+        empty = len(data) == 0
+    except TypeError:  # an iterable-style loader: found out when iterating
+        empty = False
+    if empty or num_data == 0:
         raise ValueError("the loader is empty (0 batches); pass a loader that yields data")
     return data, int(num_data)
 
