@@ -103,7 +103,7 @@ def sample_latents(guide: Any, num_samples: int, *args, **kwargs) -> torch.Tenso
         Shape (S, P), on the guide's device and dtype.
     """
     _check_positive_int(num_samples, "num_samples")
-    if getattr(guide, "prototype_trace", None) is None and hasattr(guide, "_setup_prototype"):
+    if isinstance(guide, AutoContinuous) and guide.prototype_trace is None:
         guide._setup_prototype(*args, **kwargs)
     _require_continuous(guide, "sample_latents")
     with torch.no_grad():
@@ -231,11 +231,15 @@ def predictive(
     rng = pyro.util.get_rng_state()
     proto = _prototype(model, args, kwargs)
     sites = _select_sites(proto, return_sites, values, guide is not None)
-    values = {
-        k: v.reshape((num,) + proto.nodes[k]["value"].shape)
-        for k, v in values.items()
-        if k in proto.nodes and proto.nodes[k]["type"] == "sample"
-    }
+    values = {k: v for k, v in values.items() if k in proto.nodes}
+    for k, v in values.items():
+        shape = tuple(proto.nodes[k]["value"].shape)
+        if v.numel() != num * _numel(shape):
+            raise ValueError(
+                f"posterior sample {k!r} has shape {tuple(v.shape)}, expected (S, *{shape}) "
+                f"with S={num}: the site's shape in the model"
+            )
+        values[k] = v.reshape((num,) + shape)
     if parallel:
         try:
             return _predict_vectorized(model, values, sites, args, kwargs, chunk_size)
@@ -266,9 +270,10 @@ def _predict_vectorized(model, values, sites, args, kwargs, chunk_size) -> dict:
     out: dict[str, torch.Tensor] = {}
     for c in _chunks(num, chunk_size):
         fixed, flat = _run_vmapped(model, {k: v[c] for k, v in values.items()}, args, kwargs, body)
+        # placeholders of predicted sites are NaN: a NaN downstream means the model used one
+        if any(t.is_floating_point() and torch.isnan(t).any() for t in (*fixed, *flat)):
+            raise RuntimeError("the model uses a predicted site's value (or produced NaN)")
         for name, value in zip(spec["fixed"], fixed):
-            if value.is_floating_point() and torch.isnan(value).any():
-                raise RuntimeError(f"site {name!r} depends on a predicted site's value")
             _put(out, name, num, c, value)
         with torch.no_grad():
             for i in range(c.stop - c.start):

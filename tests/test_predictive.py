@@ -227,7 +227,14 @@ def feedback_model(x, y=None):
     pyro.deterministic("total", obs.sum())  # uses the predicted value
 
 
-@pytest.mark.parametrize("model", [noisy_model, feedback_model])
+def chain_model(x, y=None):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", x.shape[0]):
+        first = pyro.sample("first", dist.Normal(w * x, 1.0))
+        pyro.sample("obs", dist.Normal(first, 0.1), obs=y)
+
+
+@pytest.mark.parametrize("model", [noisy_model, feedback_model, chain_model])
 def test_fallback_to_sequential_with_warning(model):
     x = torch.randn(6)
     samples = {"w": torch.randn(5)}
@@ -252,6 +259,8 @@ def test_errors():
         predictive(
             model, None, *args, posterior_samples={"w": torch.zeros(3, 3), "b": torch.zeros(2)}
         )
+    with pytest.raises(ValueError, match="'w' has shape"):
+        predictive(model, None, *args, posterior_samples={**samples, "w": torch.zeros(3, 2)})
     with pytest.raises(ValueError, match="return_sites"):
         predictive(model, None, *args, posterior_samples=samples, return_sites=["nope"])
     with pytest.raises(ValueError, match="columns"):
