@@ -76,7 +76,9 @@ class _DeferSampling(Messenger):
         fn = msg["fn"]
         self.sites.append(msg)
         shape = tuple(msg["kwargs"].get("sample_shape", ())) + tuple(fn.batch_shape)
-        ref = next((v for v in vars(fn).values() if torch.is_tensor(v)), None)
+        tensors: list[torch.Tensor] = []
+        _flatten(fn, tensors)  # its tensors, wrappers (Independent, masks) included
+        ref = tensors[0] if tensors else None
         dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
         msg["value"] = torch.full(
             shape + tuple(fn.event_shape),
