@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .autoguide import SWAGGuide
+from .datatree import psis_diagnostic
 from .predictive import log_joint, log_likelihood, sample_latents, unpack_latents
 
 __all__ = [
@@ -109,14 +110,9 @@ def _pointwise_log_lik(model, guide, latents, *args, **kwargs) -> torch.Tensor:
 
 def _psis(log_p: torch.Tensor, log_q: torch.Tensor) -> tuple[float, float]:
     """Pareto k-hat and PSIS effective sample size of ``exp(log_p - log_q)``."""
-    from .datatree import psis_diagnostic
-
-    out = psis_diagnostic(log_p, log_q)
-    if isinstance(out, dict):
-        return float(out["khat"]), float(out["ess"])
-    if isinstance(out, tuple):
-        return float(out[0]), float(out[1])
-    return float(out.khat), float(out.ess)
+    if not torch.isfinite(log_p - log_q).all():
+        return math.inf, 0.0  # the model's density underflows/overflows at this scale
+    return psis_diagnostic(log_p, log_q)
 
 
 # ------------------------------------------------------------------ search
@@ -316,8 +312,8 @@ def calibrate_psis(
         with torch.no_grad():
             log_p = log_joint(model, guide, latents, *args, **kwargs)
         k, e = _psis(log_p, log_q)
-        khat.append(k)
-        ess.append(e if math.isfinite(e) else 0.0)
+        khat.append(float(k))
+        ess.append(float(e) if math.isfinite(e) else 0.0)
     ok = [i for i, k in enumerate(khat) if k <= KHAT_MAX]
     if ok:
         i = max(ok, key=lambda j: ess[j])

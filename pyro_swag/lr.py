@@ -53,6 +53,8 @@ from dataclasses import dataclass
 from itertools import islice
 
 import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
 
 __all__ = ["GradientNoise", "gradient_noise", "suggest_swa_lr"]
@@ -76,6 +78,8 @@ class GradientNoise:
         Norm of the mean minibatch gradient (≈ 0 at a mode).
     max_curvature : float or None
         Estimate of :math:`\\lambda_{\\max}(A)` (power iteration), when asked for.
+    method : str
+        ``"per_example"`` or ``"batch"`` (see :func:`gradient_noise`).
     """
 
     trace: float
@@ -84,6 +88,7 @@ class GradientNoise:
     batch_size: int
     grad_norm: float
     max_curvature: float | None = None
+    method: str = "per_example"
 
 
 def _loss_fn(model: Callable, collector, num_data: int) -> Callable:
@@ -116,6 +121,42 @@ def _collect_batches(batches: Iterable, max_batches: int) -> list[tuple]:
     return out
 
 
+def _per_example_grads(model, collector, batch, num_data: int) -> torch.Tensor | None:
+    """(B, D) gradients of each example's log-likelihood w.r.t. ``collector.loc``.
+
+    ``None`` when an observed site's log-density is not indexed by the batch's first dim.
+    """
+    size = batch[0].shape[0]
+    guide_tr = poutine.trace(collector).get_trace(*batch, num_data=num_data)
+    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
+        *batch, num_data=num_data
+    )
+    terms = []
+    for site in model_tr.nodes.values():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        lp = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
+        if lp.dim() == 0 or lp.shape[0] != size:
+            return None
+        terms.append(lp.reshape(size, -1).sum(-1))
+    if not terms:
+        return None
+    ll = sum(terms)
+    loc = collector.loc
+    try:
+        (jac,) = torch.autograd.grad(
+            ll,
+            loc,
+            grad_outputs=torch.eye(size, dtype=ll.dtype, device=ll.device),
+            is_grads_batched=True,
+        )
+    except RuntimeError:  # an op without a batching rule: one backward pass per example
+        jac = torch.stack(
+            [torch.autograd.grad(ll[i], loc, retain_graph=True)[0] for i in range(size)]
+        )
+    return jac.detach()
+
+
 def _max_curvature(loss_fn, loc, batches, iters: int) -> float:
     """Power iteration on the batch-averaged Hessian of the loss w.r.t. ``loc``."""
     v = torch.randn_like(loc)
@@ -143,7 +184,8 @@ def gradient_noise(
     num_data: int,
     max_batches: int = 32,
     curvature_iters: int = 0,
-    curvature_batches: int = 4,
+    curvature_batches: int | None = 8,
+    per_example: bool = True,
 ) -> GradientNoise:
     """Estimate :math:`\\operatorname{Tr}\\Sigma_g` (and optionally :math:`\\lambda_{\\max}`).
 
@@ -162,8 +204,16 @@ def gradient_noise(
         Read at most this many batches.
     curvature_iters : int
         Power-iteration steps for :math:`\\lambda_{\\max}(A)`; 0 skips it.
-    curvature_batches : int
-        Batches averaged in each Hessian-vector product.
+    curvature_batches : int, optional
+        Batches averaged in each Hessian-vector product (``None``: all of them; one
+        shuffled epoch then gives the full-data Hessian).
+    per_example : bool
+        Estimate from per-example gradients of the observed sites' log-density (``B`` times
+        more samples than batches):
+        :math:`\\operatorname{Tr}\\Sigma_g = \\frac{N^2}{B}\\frac{N-B}{N-1}
+        \\operatorname{Tr}\\hat C`, the covariance of a batch of ``B`` drawn without
+        replacement. Falls back to the across-batch variance of the minibatch gradients
+        (``method="batch"``) when an observed site is not indexed by the batch dimension.
     """
     if not (isinstance(num_data, int) and num_data > 0):
         raise ValueError(f"num_data must be a positive int (the full data size), got {num_data!r}")
@@ -179,21 +229,35 @@ def gradient_noise(
         (g,) = torch.autograd.grad(loss_fn(batch), loc)
         grads.append(g.detach())
     g = torch.stack(grads)
-    if not torch.isfinite(g).all():
+    size = int(data[0][0].shape[0])
+    method = "per_example" if per_example else "batch"
+    examples = (
+        [_per_example_grads(model, collector, b, num_data) for b in data] if per_example else []
+    )
+    if examples and all(e is not None for e in examples):
+        # Tr Cov of a batch gradient of Pyro's loss, B examples drawn without replacement
+        per = torch.cat(examples)
+        finite = (num_data - size) / max(num_data - 1, 1)
+        trace = float(per.var(0, unbiased=True).sum()) * num_data**2 / size * finite
+    else:
+        method = "batch"
+        trace = float(g.var(0, unbiased=True).sum())
+    if not (torch.isfinite(g).all() and math.isfinite(trace)):
         raise RuntimeError(
             "non-finite minibatch gradient at the collector's point; pre-train to a finite loss"
         )
-    trace = float(g.var(0, unbiased=True).sum())
     lam = None
     if curvature_iters > 0:
-        lam = _max_curvature(loss_fn, loc, data[:curvature_batches], curvature_iters)
+        used = data[:curvature_batches] if curvature_batches else data
+        lam = _max_curvature(loss_fn, loc, used, curvature_iters)
     return GradientNoise(
         trace=trace,
         dim=loc.numel(),
         num_batches=len(data),
-        batch_size=int(data[0][0].shape[0]),
+        batch_size=size,
         grad_norm=float(g.mean(0).norm()),
         max_curvature=lam,
+        method=method,
     )
 
 
