@@ -41,6 +41,7 @@ from arviz_stats.base import array_stats
 from pyro import poutine
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoDiagonalNormal
+from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.poutine.util import prune_subsample_sites
 from scipy.special import logsumexp
 from torch.distributions import biject_to
@@ -125,10 +126,19 @@ def _site_dims(name: str, site: dict) -> list[str]:
     return [d or f"{name}_dim_{i}" for i, d in enumerate(dims)]
 
 
+def _guide_model(guide) -> Callable | None:
+    """The model an autoguide was built on, without the guide's ``InitMessenger`` wrappers."""
+    model = getattr(guide, "model", None)
+    while (isinstance(model, functools.partial) and len(model.args) == 2
+           and isinstance(model.args[0], InitMessenger)):
+        model = model.args[1]
+    return model
+
+
 def _constant_data(model, args, kwargs, observed: dict) -> dict[str, torch.Tensor]:
     """Tensor arguments of the model, by parameter name, that are not observed values."""
     fn = model
-    while isinstance(fn, functools.partial) and fn.args:  # poutine wrappers of autoguides
+    while isinstance(fn, functools.partial) and fn.args:  # poutine wrappers
         fn = fn.args[-1]
     fn = fn.forward if isinstance(fn, torch.nn.Module) else fn
     try:
@@ -293,7 +303,7 @@ def to_datatree(
     args = tuple(args)
     is_mcmc = isinstance(source, MCMC)
     if model is None:
-        model = source.kernel.model if is_mcmc else getattr(source, "model", None)
+        model = source.kernel.model if is_mcmc else _guide_model(source)
     if not callable(model):
         raise TypeError(
             f"could not find the model of source={type(source).__name__}; pass model=..."
@@ -390,7 +400,8 @@ def psis_diagnostic(log_p, log_q) -> tuple[float, float]:
     Returns
     -------
     (float, float)
-        ``(khat, ess)``; :math:`\hat k < 0.7` means the guide is a usable proposal.
+        ``(khat, ess)``; :math:`\hat k < 0.7` means the guide is a usable proposal
+        (``-inf`` when all ratios are equal, i.e. :math:`q \propto p` at the draws).
     """
     lp, lq = _np(log_p), _np(log_q)
     if lp.shape != lq.shape or lp.size < 10:
@@ -401,6 +412,8 @@ def psis_diagnostic(log_p, log_q) -> tuple[float, float]:
     lw = (lp - lq).ravel()
     if not np.isfinite(lw).all():
         raise ValueError("log_p - log_q has NaN/Inf entries; check the densities")
+    if np.ptp(lw) <= 1e-9 * max(1.0, float(np.abs(lw).max())):
+        return float("-inf"), float(lw.size)  # q = p up to a constant: bounded, equal weights
     smoothed, khat = array_stats.psislw(-lw)  # arviz smooths the ratios of the negated input
     w = np.exp(smoothed - logsumexp(smoothed))
     return float(khat), float(1.0 / np.sum(w**2))
