@@ -1,0 +1,168 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pyro_swag.compare_report as compare_report
+from pyro_swag.cli import main
+from pyro_swag.compare import METHODS, compare, quick_config
+from pyro_swag.compare_metrics import _ece, _set_coverage, agreement, scores
+from pyro_swag.data import Dataset, load_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny(**overrides):
+    values = dict(pretrain_steps=120, swa_snapshots=6, rank=4, num_samples=30,
+                  multiswag_runs=2, svi_steps=120, nuts_warmup=15, nuts_samples=30,
+                  nuts_max_tree_depth=4, nuts_budget_s=60.0)
+    values.update(overrides)
+    return quick_config(**values)
+
+
+def _small(name="diabetes", n=120):
+    d = load_dataset(name)
+    return Dataset(d.name, d.likelihood, d.x_train[:n], d.y_train[:n], d.x_test, d.y_test,
+                   d.y_mean, d.y_std, d.num_classes, d.split)
+
+
+def test_compare_end_to_end_writes_every_output(tmp_path):
+    out = tmp_path / "report"
+    summary = compare(_small(), out, config=tiny(), quiet=True)
+    names = {p.name for p in out.iterdir()}
+    assert {"report.md", "results.json", "predictive.png", "calibration.png",
+            "forest.png"} <= names
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == list(METHODS)
+    for name, row in results["methods"].items():
+        assert row["status"] == "ok", (name, row["note"])
+        assert f"{name}.nc" in names
+        for key in ("test_ll", "rmse", "coverage_90", "coverage_95", "wall_s"):
+            assert math.isfinite(row[key]), (name, key)
+        assert 0 <= row["coverage_90"] <= row["coverage_95"] <= 1
+    for name in ("swag", "svi_normal", "nuts"):
+        row = results["methods"][name]
+        assert "loo_elpd" in row or "loo_note" in row
+    # SWAG draws spread: more draws than one and a different test LL from its own mean (SWA)
+    assert results["methods"]["swag"]["num_draws"] == 30
+    assert results["methods"]["swag"]["test_ll"] != results["methods"]["swa"]["test_ll"]
+    assert "vs_nuts" in results["methods"]["swag"]
+    assert results["methods"]["nuts"].get("vs_nuts") is None
+    assert summary["methods"]["swag"]["test_ll"] == results["methods"]["swag"]["test_ll"]
+    text = (out / "report.md").read_text()
+    assert "| SWAG |" in text and "Agreement with NUTS" in text
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report.partial")]
+
+
+def test_classification_reports_accuracy_and_ece(tmp_path):
+    d = _small("breast_cancer", 150)
+    res = compare(d, None, config=tiny(methods=("map", "swag")), quiet=True)
+    for row in res["methods"].values():
+        assert 0.5 < row["accuracy"] <= 1 and 0 <= row["ece"] <= 1
+        assert "rmse" not in row
+
+
+def test_nuts_over_budget_is_skipped_with_a_note():
+    res = compare(_small(), None, config=tiny(methods=("nuts",), nuts_budget_s=0.0), quiet=True)
+    row = res["methods"]["nuts"]
+    assert row["status"] == "skipped" and "time budget" in row["note"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(data="nope"), ValueError, "unknown dataset name='nope'"),
+        (dict(data="yacht", data_dir="/no/such/dir"), FileNotFoundError, "data_dir="),
+        (dict(data="diabetes", split=-2), ValueError, "split must be"),
+    ],
+)
+def test_bad_input_fails_before_writing(tmp_path, kwargs, err, match):
+    out = tmp_path / "out"
+    with pytest.raises(err, match=match):
+        compare(out_dir=out, config=tiny(), quiet=True, **kwargs)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_failure_while_writing_leaves_no_complete_looking_report(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(compare_report, "write_outputs", boom)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk full"):
+        compare(_small(), out, config=tiny(methods=("map",)), quiet=True)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_config_names_the_argument():
+    with pytest.raises(ValueError, match=r"methods=.*unknown \['bogus'\]"):
+        tiny(methods=("bogus",))
+    with pytest.raises(ValueError, match="swa_snapshots must be"):
+        tiny(swa_snapshots=1)
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    code = main(["compare", "--dataset", "nope", "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 2 and "unknown dataset" in capsys.readouterr().err
+    code = main(["compare", "--uci", "yacht", "--data-dir", str(tmp_path), "--quiet",
+                 "--out", str(tmp_path / "o")])
+    assert code == 2 and "no yacht/data/data.txt" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------- metric oracles
+def test_gaussian_scores_match_closed_forms():
+    torch.manual_seed(0)
+    n = 20000
+    y = torch.randn(n)
+    data = Dataset("toy", "gaussian", y[:2, None], y[:2], y[:, None], y, 10.0, 2.0)
+    terms = {"loglik": torch.distributions.Normal(0.0, 1.0).log_prob(y)[None],
+             "mean": torch.zeros(1, n), "var": torch.ones(1, n)}
+    sc = scores(terms, data, y)
+    expected = float(torch.distributions.Normal(0.0, 1.0).log_prob(y).mean()) - math.log(2.0)
+    assert sc["test_ll"] == pytest.approx(expected, abs=1e-5)
+    assert sc["rmse"] == pytest.approx(2.0 * float(y.pow(2).mean().sqrt()), rel=1e-5)
+    assert sc["coverage_90"] == pytest.approx(0.90, abs=0.01)
+    assert sc["coverage_95"] == pytest.approx(0.95, abs=0.01)
+    # a two-component mixture: its 95 % interval is wider than either component's
+    terms2 = {"loglik": terms["loglik"].repeat(2, 1), "mean": torch.stack([-torch.ones(n),
+              torch.ones(n)]), "var": torch.ones(2, n)}
+    assert scores(terms2, data, y)["coverage_95"] > 0.98
+
+
+def test_classification_metric_oracles():
+    probs = torch.tensor([[0.8, 0.2]] * 10)
+    y = torch.tensor([0] * 8 + [1] * 2)
+    assert _ece(probs, y) == pytest.approx(0.0, abs=1e-6)
+    assert _ece(probs, torch.zeros(10, dtype=torch.long)) == pytest.approx(0.2, abs=1e-6)
+    # sets at level 0.9: {0, 1} always (0.8 < 0.9) -> full coverage; at 0.75: {0}
+    assert _set_coverage(probs, y, 0.9) == 1.0
+    assert _set_coverage(probs, y, 0.75) == pytest.approx(0.8)
+
+
+def test_agreement_w2_oracle():
+    torch.manual_seed(0)
+    ref = {"a": torch.randn(4000, 3)}
+    data = Dataset("toy", "gaussian", torch.zeros(2, 1), torch.zeros(2), torch.zeros(2, 1),
+                   torch.zeros(2))
+    ev = {"_mean": torch.zeros(2), "_sd": torch.ones(2)}
+    same = agreement(ev, ev, ref, ref, data)
+    assert same["w2_marginal"] == pytest.approx(0.0, abs=1e-9)
+    assert same["pred_mean_err"] == 0.0
+    shifted = agreement(ev, ev, {"a": ref["a"] + 1.0}, ref, data)
+    assert shifted["w2_marginal"] == pytest.approx(1.0, rel=0.05)
+
+
+def test_example_smoke(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "compare.py"), "--smoke",
+         "--out", str(tmp_path / "ex")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SWAG: test LL" in proc.stdout
+    assert (tmp_path / "ex" / "results.json").is_file()
