@@ -41,7 +41,7 @@ def main() -> None:
     else:
         config = CompareConfig(pretrain_steps=2000, svi_steps=2000, multiswag_runs=2)
     summary = compare(data, args.out, model=linear_model, config=config, quiet=args.smoke)
-    for name, row in summary["methods"].items():
+    for row in summary["methods"].values():
         if row["status"] == "ok":
             print(f"{row['label']:>20}: test LL {row['test_ll']:.3f}  RMSE {row['rmse']:.2f}  "
                   f"90% coverage {row['coverage_90']:.2f}  {row['wall_s']:.1f} s")
