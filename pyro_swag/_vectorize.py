@@ -18,6 +18,7 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import Delta
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
@@ -73,6 +74,8 @@ class _DeferSampling(Messenger):
             return
         if not isinstance(msg["fn"], Distribution):  # e.g. a plate's subsample site
             return
+        if _is_delta(msg["fn"]):  # no randomness (e.g. an unconditioned deterministic)
+            return
         fn = msg["fn"]
         self.sites.append(msg)
         shape = tuple(msg["kwargs"].get("sample_shape", ())) + tuple(fn.batch_shape)
@@ -86,6 +89,13 @@ class _DeferSampling(Messenger):
             dtype=dtype or torch.get_default_dtype(),
             device=ref.device if ref is not None else None,
         )
+
+
+def _is_delta(fn: Distribution) -> bool:
+    """Whether ``fn`` is a (wrapped: Independent, masked, expanded) ``Delta``."""
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return isinstance(fn, Delta)
 
 
 # ----------------------------------------------------------------------- helpers

@@ -3,6 +3,7 @@
 import copy
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pyro
@@ -118,6 +119,22 @@ def test_all_sites_and_return_value(case):
         torch.testing.assert_close(value, ref[name].reshape(value.shape), atol=1e-5, rtol=1e-5)
         if name in samples:
             assert value.shape == samples[name].shape  # MCMC.get_samples() format
+
+
+def test_unconditioned_model_with_deterministic_site():
+    # as the ArviZ export uses it: observed sites resampled, deterministic sites kept
+    model, _, data = regression_case()
+    _, _, samples = draws(model, data, 6)
+    free = poutine.uncondition(model)
+    pyro.set_rng_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the sequential path
+        ours = predictive(
+            free, None, *data, posterior_samples=samples, return_sites=["obs", "mean"]
+        )
+    ref = pyro_reference(free, samples, data, 3, return_sites=["obs", "mean"])
+    for name, value in ours.items():
+        torch.testing.assert_close(value, ref[name].reshape(value.shape), atol=1e-5, rtol=1e-5)
 
 
 def test_sequential_path_and_chunks_agree():
