@@ -231,6 +231,12 @@ def predictive(
     rng = pyro.util.get_rng_state()
     proto = _prototype(model, args, kwargs)
     sites = _select_sites(proto, return_sites, values, guide is not None)
+    ret = proto.nodes["_RETURN"]["value"]
+    if "_RETURN" in sites and not torch.is_tensor(ret):
+        raise TypeError(
+            f"return_sites has '_RETURN' but the model returns a {type(ret).__name__}, not a "
+            "tensor; return a tensor or record values with pyro.deterministic"
+        )
     values = {k: v for k, v in values.items() if k in proto.nodes}
     for k, v in values.items():
         shape = tuple(proto.nodes[k]["value"].shape)

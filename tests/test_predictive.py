@@ -280,6 +280,14 @@ def test_errors():
         predictive(model, None, *args, posterior_samples={**samples, "w": torch.zeros(3, 2)})
     with pytest.raises(ValueError, match="return_sites"):
         predictive(model, None, *args, posterior_samples=samples, return_sites=["nope"])
+    with pytest.raises(TypeError, match="_RETURN"):
+        predictive(
+            group_model,
+            None,
+            *group_case()[1],
+            posterior_samples={"mu": torch.zeros(2)},
+            return_sites=["_RETURN"],
+        )
     with pytest.raises(ValueError, match="columns"):
         unpack_latents(guide, latents[:, :-1])
     with pytest.raises(ValueError, match="observed"):
