@@ -120,27 +120,55 @@ def _comm_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def _gather(t: torch.Tensor, dst: int | None, group) -> list[torch.Tensor] | None:
-    """Gather equal-shape tensors to group rank ``dst`` (all ranks when ``dst is None``)."""
-    rank, size = _world(group)
-    if size == 1:
-        return [t]
-    home, t = t.device, t.contiguous().to(_comm_device(group))
-    if dst is None:
-        out = [torch.empty_like(t) for _ in range(size)]
-        dist.all_gather(out, t, group=group)
-    else:
-        out = [torch.empty_like(t) for _ in range(size)] if rank == dst else None
-        dist.gather(t, out, dst=_global(group, dst), group=group)
-    return None if out is None else [o.to(home) for o in out]
-
-
 def _global(group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
 
-def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, width - t.shape[-1]))
+def _assemble(
+    parts: list[torch.Tensor], widths: list[int], rank: int, dst: int | None, group
+) -> list[torch.Tensor] | None:
+    """Concatenate every rank's column block of each ``parts[i]`` (rows x width_r) on group
+    rank ``dst`` (on every rank when ``None``, by one broadcast per block; otherwise by
+    point-to-point sends). Receivers hold the full result plus one block, never a list of
+    all blocks; the others get ``None``."""
+    if len(widths) == 1:
+        return list(parts)
+    receive = dst is None or rank == dst
+    total = sum(widths)
+    full = [t.new_empty(t.shape[0], total) for t in parts] if receive else None
+    comm = _comm_device(group)
+    start = 0
+    for src, width in enumerate(widths):
+        cols = slice(start, start + width)
+        start += width
+        if width == 0 or (dst is not None and rank not in (src, dst)):
+            continue
+        for i, t in enumerate(parts):
+            if src == rank:
+                if receive:
+                    full[i][:, cols] = t
+                if dst is None:
+                    dist.broadcast(t.contiguous().to(comm), src=_global(group, src), group=group)
+                elif src != dst:
+                    dist.send(t.contiguous().to(comm), dst=_global(group, dst), group=group)
+                continue
+            buf = torch.empty(t.shape[0], width, dtype=t.dtype, device=comm)
+            if dst is None:
+                dist.broadcast(buf, src=_global(group, src), group=group)
+            else:
+                dist.recv(buf, src=_global(group, src), group=group)
+            full[i][:, cols] = buf
+    return full
+
+
+def _guide_from(source, loc, variance, deviations, scale: float, diagonal: bool) -> SWAGGuide:
+    """A :class:`SWAGGuide` set up with the latent layout of ``source`` (collector or guide)."""
+    guide = SWAGGuide(source.model, loc, variance, deviations, scale, diagonal, _layout(source))
+    for attr in ("prototype_trace", "_unconstrained_shapes", "_cond_indep_stacks"):
+        setattr(guide, attr, getattr(source, attr))
+    guide._prototype_frames = dict(source._prototype_frames)
+    guide.latent_dim = source.latent_dim
+    return guide
 
 
 class DistributedSWAG:
@@ -263,7 +291,8 @@ class DistributedSWAG:
         """Record the current point: each rank updates the moments of its slice."""
         self.collector._require_setup("collect()")
         loc = self.collector.loc.detach()
-        if not bool(torch.isfinite(loc).all()):  # same answer on every rank: loc is replicated
+        # Same answer on every rank (loc is replicated); a finite sum proves all entries finite.
+        if not torch.isfinite(loc.sum()) and not bool(torch.isfinite(loc).all()):
             raise ValueError(
                 "the parameters contain NaN or Inf; the trajectory diverged (lower the learning "
                 "rate or clip gradients); nothing was collected"
@@ -281,42 +310,42 @@ class DistributedSWAG:
 
     # --------------------------------------------------------------- gathering
     def gather_moments(self, dst: int | None = 0) -> SWAGMoments | None:
-        """The full moments on group rank ``dst`` (every rank when ``None``); collective.
-
-        Other ranks get ``None``. Each rank sends its ``(K + 2) x P / W`` slice once.
-        """
+        """The full moments (a :class:`~pyro_swag.SWAGMoments`, e.g. to save one
+        single-process store) on group rank ``dst`` (every rank when ``None``), ``None``
+        elsewhere; collective."""
         m = self.moments
         m._require(1)
-        widths = self._widths()
-        width = max(widths)
-        stats = _gather(_pad(torch.stack([m.mean, m.m2]), width), dst, self.group)
-        devs = _gather(_pad(m.deviations, width), dst, self.group)
-        if stats is None:
+        parts = [torch.stack([m.mean, m.m2]), m.deviations]
+        full = _assemble(parts, self._widths(), self.rank, dst, self.group)
+        if full is None:
             return None
-        full = SWAGMoments(m.rank, m.min_var, m.deviation_dtype, m.device)
-        full.load_state_dict(
-            {
-                "mean": torch.cat([s[0, :w] for s, w in zip(stats, widths)]),
-                "m2": torch.cat([s[1, :w] for s, w in zip(stats, widths)]),
-                "deviations": torch.cat([d[:, :w] for d, w in zip(devs, widths)], dim=1),
-                "_extra_state": m.get_extra_state(),
-            }
-        )
-        return full
+        out = SWAGMoments(m.rank, m.min_var, m.deviation_dtype, m.device)
+        state = {"mean": full[0][0], "m2": full[0][1], "deviations": full[1]}
+        out.load_state_dict({**state, "_extra_state": m.get_extra_state()})
+        return out
 
     def swag_guide(
         self, scale: float = 1.0, diagonal: bool = False, dst: int | None = 0
     ) -> SWAGGuide | None:
         """The :class:`~pyro_swag.SWAGGuide` of the whole trajectory on group rank ``dst``
-        (every rank when ``None``), ``None`` elsewhere; collective."""
-        full = self.gather_moments(dst)
+        (every rank when ``None``), ``None`` elsewhere; collective.
+
+        Each rank computes the SWAG quantities of its slice (mean, clamped variance,
+        deviations oldest first) and sends them once; the receiver writes them straight
+        into the guide's tensors, so its peak is about one full store plus one slice.
+        """
+        m = self.moments
+        if m.count < 2:
+            raise RuntimeError(
+                f"swag_guide() needs at least 2 snapshots, {m.count} collected; "
+                "call collect() during training (collect more snapshots first)"
+            )
+        parts = [torch.stack([m.mean, m.variance()]), m.deviation_matrix()]
+        full = _assemble(parts, self._widths(), self.rank, dst, self.group)
         if full is None:
             return None
-        own, self.collector.moments = self.collector.moments, full
-        try:
-            return self.collector.swag_guide(scale=scale, diagonal=diagonal)
-        finally:
-            self.collector.moments = own
+        (vec, devs), c = full, self.collector
+        return _guide_from(c, vec[0], vec[1], devs, scale, diagonal)
 
     # ------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
@@ -457,25 +486,26 @@ def gather_runs(
     latent size); they may hold different numbers of deviations.
     """
     guide = swag.swag_guide(scale=scale, diagonal=diagonal, dst=0)
+    rank = _world(None)[0]
     if runs.num_runs == 1 or guide is None:
-        return None if guide is None or _world(None)[0] != 0 else [guide]
-    group = runs.leaders
-    sizes = _gather(torch.tensor([guide.rank]), None, group)
-    kmax = max(int(s) for s in sizes)
-    devs = torch.nn.functional.pad(guide.deviations, (0, 0, 0, kmax - guide.rank))
-    vecs = _gather(torch.stack([guide.loc, guide.variance]), 0, group)
-    devs = _gather(devs, 0, group)
-    if vecs is None:
+        return [guide] if guide is not None and rank == 0 else None
+    group, me = runs.leaders, dist.get_rank(runs.leaders)
+    comm = _comm_device(group)
+    sizes = [torch.zeros(1, dtype=torch.long, device=comm) for _ in range(runs.num_runs)]
+    dist.all_gather(sizes, torch.tensor([guide.rank], device=comm), group=group)
+    if me != 0:
+        for t in (torch.stack([guide.loc, guide.variance]), guide.deviations):
+            dist.send(t.contiguous().to(comm), dst=_global(group, 0), group=group)
         return None
     guides = []
-    for run, (v, d, k) in enumerate(zip(vecs, devs, sizes)):
-        if run == runs.run:
+    for run, k in enumerate(int(s) for s in sizes):
+        if run == 0:
             guides.append(guide)
             continue
-        other = SWAGGuide(guide.model, v[0], v[1], d[: int(k)], scale, diagonal, guide.layout)
-        for attr in ("prototype_trace", "_unconstrained_shapes", "_cond_indep_stacks"):
-            setattr(other, attr, getattr(guide, attr))
-        other._prototype_frames = dict(guide._prototype_frames)
-        other.latent_dim = guide.latent_dim
-        guides.append(other)
+        vec = torch.empty(2, guide.loc.numel(), dtype=guide.loc.dtype, device=comm)
+        devs = torch.empty(k, guide.loc.numel(), dtype=guide.deviations.dtype, device=comm)
+        for t in (vec, devs):
+            dist.recv(t, src=_global(group, run), group=group)
+        vec, devs = vec.to(guide.loc.device), devs.to(guide.loc.device)
+        guides.append(_guide_from(guide, vec[0], vec[1], devs, scale, diagonal))
     return guides

@@ -49,6 +49,11 @@ optimizer = functools.partial(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
 
 
 def reference(seed: int):
+    """The SWAG guide of single-process SVI with plain Pyro on the same data order."""
+    return reference_collector(seed).swag_guide()
+
+
+def reference_collector(seed: int) -> SWAGCollector:
     """Single-process SVI with plain Pyro on the same data order."""
     x, y = make_data()
     collector = make_collector(seed)
@@ -60,7 +65,7 @@ def reference(seed: int):
         svi.step(x[idx], y[idx], num_data=N)
         if t >= SWA_START:
             collector.collect()
-    return collector.swag_guide()
+    return collector
 
 
 def microbatch(t, seed, rank, world, x, y):
@@ -99,6 +104,10 @@ def ddp(out: Path) -> None:
         if guide is not None:
             torch.save(guide.state_dict(), out / f"guide-shard{shard}.pt")
         if shard:
+            moments = swag.gather_moments(dst=1)
+            assert (moments is None) == (rank == 0)
+            if moments is not None:
+                torch.save(moments.state_dict(), out / "moments-rank1.pt")
             everywhere = swag.swag_guide(dst=None)
             torch.save(everywhere.state_dict(), out / f"guide-all-rank{rank}.pt")
     (out / f"info-rank{rank}.json").write_text(json.dumps(info))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,28 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``cmd``; on timeout stop the launcher *and* its workers, then fail."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its workers (each in its own session) on SIGTERM
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        pytest.fail(f"{cmd} ran over {timeout} s:\n{out[-2000:]}\n{err[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +51,7 @@ def launched(tmp_path_factory):
     """One torchrun launch: DDP (sharded, rank 0), MultiSWAG, then a crash and a restart."""
     out = tmp_path_factory.mktemp("dist")
     cmd = [*LAUNCH, "--max-restarts=1", str(ROOT / "tests" / "_dist_worker.py"), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env())
+    proc = _run(cmd, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out
 
@@ -62,6 +83,14 @@ def test_guide_gathered_to_every_rank_is_identical(launched):
     g1 = _load(launched / "guide-all-rank1.pt", ref.model)
     _assert_guides_close(g1, g0, exact=True)
     _assert_guides_close(g0, _load(launched / "guide-shardTrue.pt", ref.model), exact=True)
+
+
+def test_sharded_moments_gathered_to_rank_1_equal_single_process_store(launched):
+    want = w.reference_collector(0).moments.state_dict()
+    got = torch.load(launched / "moments-rank1.pt", weights_only=True)
+    assert got["_extra_state"] == want["_extra_state"]  # count, ring-buffer head, rank
+    for name in ("mean", "m2", "deviations"):
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
 
 
 def test_sharded_moments_split_memory(launched):
@@ -101,7 +130,7 @@ def test_crashed_rank_restarted_from_checkpoint_gives_same_moments(launched):
 
 def test_example_smoke_under_torchrun():
     cmd = [*LAUNCH, str(ROOT / "examples" / "distributed.py"), "--smoke"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env())
+    proc = _run(cmd, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "world size 2" in proc.stdout and "test RMSE" in proc.stdout
 
