@@ -215,7 +215,7 @@ def _svi(ctx, name: str, guide_cls) -> MethodResult:
     pyro.set_rng_seed(cfg.seed)
     x, y = data.x_train, data.y_train
     n = x.shape[0]
-    batch = min(cfg.batch_size, n)
+    batch = min(cfg.pretrain_batch_size, n)
     guide = guide_cls(ctx.model, init_loc_fn=_init_fn(ctx.model), init_scale=0.01)
     optim = pyro.optim.ClippedAdam(
         {"lr": cfg.svi_lr, "clip_norm": 10.0, "lrd": 0.1 ** (1 / cfg.svi_steps)}
