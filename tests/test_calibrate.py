@@ -1,0 +1,214 @@
+"""Scale calibration against closed forms on conjugate linear regression (exact posterior)."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.optim import SGD, Adam
+
+from pyro_swag import SWAGCollector, SWAGGuide
+from pyro_swag.calibrate import (
+    Calibration,
+    calibrate,
+    calibrate_elbo,
+    calibrate_psis,
+    calibrate_validation,
+    default_scales,
+)
+from pyro_swag.lr import suggest_swa_lr
+from pyro_swag.predictive import sample_latents
+
+ROOT = Path(__file__).resolve().parents[1]
+N, D, SIGMA, PRIOR = 100, 3, 0.5, 1.0
+
+
+def model(x, y=None, num_data=None):
+    w = pyro.sample("w", dist.Normal(0.0, PRIOR).expand([D]).to_event(1))
+    with pyro.plate("data", size=num_data or x.shape[0], subsample=torch.arange(x.shape[0])):
+        pyro.sample("obs", dist.Normal(x @ w, SIGMA), obs=y)
+
+
+def data(orthogonal=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g)
+    if orthogonal:  # X^T X = N I: the posterior is diagonal
+        x = torch.linalg.qr(x)[0] * math.sqrt(N)
+    else:
+        x[:, 1] += 0.6 * x[:, 0]
+    y = x @ torch.tensor([0.5, -1.0, 0.2]) + SIGMA * torch.randn(N, generator=g)
+    return x, y
+
+
+def posterior(x, y):
+    prec = torch.eye(D) / PRIOR**2 + x.T @ x / SIGMA**2
+    cov = torch.linalg.inv(prec)
+    return cov @ x.T @ y / SIGMA**2, cov
+
+
+def log_evidence(x, y) -> float:
+    cov = SIGMA**2 * torch.eye(N) + PRIOR**2 * x @ x.T
+    return float(dist.MultivariateNormal(torch.zeros(N), cov).log_prob(y))
+
+
+def gaussian_guide(x, y, loc, cov, diagonal=False):
+    """A SWAGGuide whose scale-1 covariance is exactly ``cov`` (full rank D, or diagonal)."""
+    if diagonal:
+        return _setup(
+            SWAGGuide(model, loc, cov.diagonal().clone(), torch.zeros(0, D), diagonal=True), x, y
+        )
+    # 1/2 (diag + W W^T / (K-1)) = cov with diag = tiny, W^T W/(K-1) ~= 2 cov - tiny
+    k = D + 1
+    chol = torch.linalg.cholesky(2 * cov - 1e-8 * torch.eye(D))
+    dev = torch.cat([chol.T, torch.zeros(1, D)]) * math.sqrt(k - 1)
+    return _setup(SWAGGuide(model, loc, torch.full((D,), 1e-8), dev), x, y)
+
+
+def _setup(guide, x, y):
+    guide._setup_prototype(x, y)
+    return guide
+
+
+def kl(guide, mean, cov) -> float:
+    q = guide.get_posterior()
+    q = dist.MultivariateNormal(q.loc, q.covariance_matrix)
+    return float(torch.distributions.kl_divergence(q, dist.MultivariateNormal(mean, cov)))
+
+
+def test_elbo_curve_and_optimum_match_closed_form():
+    """ELBO(s) = log p(y) - KL(q_s || p); argmax s* = D / Tr(Sigma_p^-1 Sigma_q)."""
+    x, y = data()
+    mean, cov = posterior(x, y)
+    q_cov = (
+        torch.diag(torch.tensor([0.5, 2.0, 1.0])) @ cov @ torch.diag(torch.tensor([0.5, 2.0, 1.0]))
+    )
+    guide = gaussian_guide(x, y, mean + 0.01, q_cov)
+    res = calibrate_elbo(model, guide, x, y, num_samples=4000)
+    s_star = D / float(torch.trace(torch.linalg.solve(cov, q_cov)))
+    assert res.scale == pytest.approx(s_star, rel=0.05)
+    assert guide.scale == res.scale and guide.calibration == res.to_dict()
+    logz = log_evidence(x, y)
+    for s, value, se in zip(res.scales, res.curve["elbo"], res.curve["elbo_se"]):
+        guide.scale = s
+        assert value == pytest.approx(logz - kl(guide, mean, cov), abs=5 * se + 1e-3)
+    assert res.best() == max(res.curve["elbo"])
+    assert res.scales == sorted(res.scales) and len(res.scales) > len(default_scales())
+
+
+def test_psis_picks_the_exact_posterior():
+    """q at scale 1 equals p (orthogonal design, SWAG-Diag): importance weights are constant."""
+    x, y = data(orthogonal=True)
+    mean, cov = posterior(x, y)
+    assert torch.allclose(cov, torch.diag(cov.diagonal()), atol=1e-6)
+    guide = gaussian_guide(x, y, mean, cov, diagonal=True)
+    res = calibrate_psis(model, guide, x, y, scales=[0.25, 0.5, 1.0, 2.0, 4.0], num_samples=400)
+    assert res.scale == 1.0 and res.criterion == "ess"
+    i = res.scales.index(1.0)
+    assert res.curve["ess"][i] == pytest.approx(400, rel=1e-3)
+    assert all(e < 0.9 * 400 for j, e in enumerate(res.curve["ess"]) if j != i)
+    res = calibrate_elbo(model, guide, x, y, num_samples=400)
+    assert res.scale == pytest.approx(1.0, rel=0.05)
+
+
+def test_psis_warns_when_no_scale_is_reliable():
+    x, y = data()
+    mean, cov = posterior(x, y)
+    guide = gaussian_guide(x, y, mean + 10 * cov.diagonal().sqrt(), cov)  # far off the mode
+    with pytest.warns(UserWarning, match="no scale gives Pareto k-hat"):
+        res = calibrate_psis(model, guide, x, y, scales=[0.5, 1.0, 2.0], num_samples=100)
+    assert res.curve["khat"][res.scales.index(res.scale)] == min(res.curve["khat"])
+
+
+def test_validation_curve_is_the_held_out_lppd():
+    x, y = data()
+    xv, yv = data(seed=1)
+    mean, cov = posterior(x, y)
+    guide = gaussian_guide(x, y, mean, cov)
+    pyro.set_rng_seed(3)
+    res = calibrate_validation(
+        model, guide, xv, yv, scales=[0.1, 1.0, 30.0], refine=False, num_samples=300, apply=False
+    )
+    assert guide.scale == 1.0 and guide.calibration is None
+    pyro.set_rng_seed(3)
+    base = sample_latents(guide, 300)
+    for s, value in zip(res.scales, res.curve["log_likelihood"]):
+        w = mean + math.sqrt(s) * (base - mean)
+        ll = dist.Normal(w @ xv.T, SIGMA).log_prob(yv)
+        assert value == pytest.approx(float((ll.logsumexp(0) - math.log(300)).mean()), abs=1e-4)
+    assert res.scale == res.scales[max(range(3), key=lambda i: res.curve["log_likelihood"][i])]
+    assert res.curve["log_likelihood"][2] < res.curve["log_likelihood"][1]  # 30x too wide hurts
+
+
+def test_swag_trained_at_suggested_rate_then_calibrated():
+    """End to end: SGD at suggest_swa_lr, SWAG, ELBO calibration vs the exact posterior."""
+    x, y = data()
+    mean, cov = posterior(x, y)
+    collector = SWAGCollector(model, rank=10)
+    svi = SVI(model, collector, Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(200):
+        idx = torch.randperm(N)[:10]
+        svi.step(x[idx], y[idx], num_data=N)
+    lr = suggest_swa_lr(
+        model, collector, [(x[i], y[i]) for i in torch.randperm(N).split(10)], num_data=N
+    )
+    svi = SVI(model, collector, SGD({"lr": lr}), Trace_ELBO())
+    for t in range(400):
+        idx = torch.randperm(N)[:10]
+        svi.step(x[idx], y[idx], num_data=N)
+        if t % 5 == 4:
+            collector.collect()
+    guide = collector.swag_guide()
+    before = kl(guide, mean, cov)
+    res = calibrate(model, guide, x, y, method="elbo", num_samples=500)
+    after = kl(guide, mean, cov)
+    assert after <= before + 0.01
+    ratio = guide.marginal_variance().sqrt() / cov.diagonal().sqrt()
+    assert ((ratio > 0.5) & (ratio < 2.0)).all(), ratio  # loose: see benchmarks for ±25 %
+    assert 0.25 < res.scale < 4.0
+
+
+def test_calibration_is_saved_with_the_guide(tmp_path):
+    x, y = data()
+    mean, cov = posterior(x, y)
+    guide = gaussian_guide(x, y, mean, 2 * cov)
+    res = calibrate(model, guide, x, y, method="elbo", num_samples=50, scales=[0.25, 0.5, 1.0])
+    torch.save(guide.state_dict(), tmp_path / "g.pt")
+    loaded = SWAGGuide.from_state_dict(model, torch.load(tmp_path / "g.pt", weights_only=True))
+    assert loaded.scale == res.scale == guide.scale
+    assert loaded.calibration == res.to_dict() and loaded.calibration["method"] == "elbo"
+    assert isinstance(res, Calibration)
+
+
+def test_errors():
+    x, y = data()
+    mean, cov = posterior(x, y)
+    guide = gaussian_guide(x, y, mean, cov)
+    with pytest.raises(ValueError, match="method='laplace' is not one of"):
+        calibrate(model, guide, x, y, method="laplace")
+    with pytest.raises(TypeError, match="guide must be a SWAGGuide"):
+        calibrate_elbo(model, object(), x, y)
+    with pytest.raises(ValueError, match="num_samples must be an int >= 2"):
+        calibrate_elbo(model, guide, x, y, num_samples=1)
+    with pytest.raises(ValueError, match="scales must be a non-empty list of positive"):
+        calibrate_elbo(model, guide, x, y, scales=[1.0, -2.0])
+    with pytest.raises(ValueError, match="scales must be a non-empty list"):
+        calibrate_psis(model, guide, x, y, scales=[])
+    with pytest.raises(ValueError, match="no observed sites"):
+        calibrate_validation(model, guide, x, num_samples=10)
+
+
+def test_example_smoke():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "calibration.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "chosen scale" in out.stdout
