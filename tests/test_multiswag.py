@@ -1,0 +1,188 @@
+"""MultiSWAG: mixture density against its components, chains, R-hat across runs, fit_runs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import arviz_stats
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide.initialization import init_to_value
+
+from pyro_swag import SWAGCollector, SWAGGuide
+from pyro_swag.datatree import to_datatree
+from pyro_swag.multiswag import MultiSWAG, fit_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+N, D = 100, 3
+
+
+def linreg(x, y=None, num_data=None):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([D]).to_event(1))
+    b = pyro.sample("b", dist.Normal(0.0, 1.0))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    with pyro.plate("data", size=num_data or x.shape[0], subsample=torch.arange(x.shape[0])):
+        pyro.sample("obs", dist.Normal(x @ w + b, sigma), obs=y)
+
+
+def squared(x, y=None, num_data=None):
+    """y ~ N(w^2 x, 0.5^2): the posterior of w has two mirror modes at +-sqrt(slope)."""
+    w = pyro.sample("w", dist.Normal(0.0, 2.0))
+    with pyro.plate("data", size=num_data or x.shape[0], subsample=torch.arange(x.shape[0])):
+        pyro.sample("obs", dist.Normal(w**2 * x, 0.5), obs=y)
+
+
+def fit_swag(model, x, y, init, lr=2e-3, epochs=(25, 40), batch=25):
+    """Adam to a mode, then constant-lr SGD collecting one snapshot per epoch."""
+    col = SWAGCollector(model, rank=10, init_loc_fn=init)
+    n = x.shape[0]
+    for phase, optim in enumerate([pyro.optim.Adam({"lr": 0.05}), pyro.optim.SGD({"lr": lr})]):
+        svi = SVI(model, col, optim, Trace_ELBO())
+        for _ in range(epochs[phase]):
+            perm = torch.randperm(n)
+            for i in range(0, n, batch):
+                idx = perm[i : i + batch]
+                svi.step(x[idx], y[idx], num_data=n)
+            if phase:
+                col.collect()
+    return col.swag_guide()
+
+
+def synthetic_guides(ranks=(2, 4), diagonal=(False, True, False)):
+    """SWAG guides of ``linreg`` from made-up moments (no training)."""
+    g = torch.Generator().manual_seed(0)
+    guides = []
+    for i, diag in enumerate(diagonal):
+        k = ranks[i % len(ranks)]
+        guides.append(SWAGGuide(
+            linreg,
+            loc=torch.randn(D + 2, generator=g) + 3 * i,
+            variance=torch.rand(D + 2, generator=g) + 0.1,
+            deviations=torch.randn(k, D + 2, generator=g),
+            scale=0.5 + i,
+            diagonal=diag,
+            layout=[("w", (D,)), ("b", ()), ("sigma", ())],
+        ))
+    return guides
+
+
+def test_mixture_density_is_weighted_sum_of_components():
+    guides = synthetic_guides()
+    weights = torch.tensor([1.0, 2.0, 3.0])
+    ms = MultiSWAG(guides, weights=weights)
+    theta = torch.randn(50, D + 2) * 3 + 3
+    comp = torch.stack([g.get_posterior().log_prob(theta) for g in guides], -1)
+    expected = torch.logsumexp(comp + (weights / weights.sum()).log(), -1)
+    torch.testing.assert_close(ms.get_posterior().log_prob(theta), expected, rtol=1e-5, atol=1e-4)
+    # each padded component keeps its covariance; the mixture variance by total variance
+    for r, g in enumerate(guides):
+        post = g.get_posterior()
+        cov = torch.diag(g.marginal_variance()) if g.diagonal else post.covariance_matrix
+        torch.testing.assert_close(ms.components().covariance_matrix[r], cov, rtol=1e-5, atol=1e-6)
+    w = weights / weights.sum()
+    means = torch.stack([g.loc for g in guides])
+    second = torch.stack([g.marginal_variance() + g.loc**2 for g in guides])
+    torch.testing.assert_close(ms.marginal_variance(), w @ second - (w @ means) ** 2)
+
+
+def test_sample_chains_draw_each_run():
+    guides = synthetic_guides()
+    ms = MultiSWAG(guides)
+    chains = ms.sample_chains(4000)
+    assert chains.shape == (3, 4000, D + 2)
+    for r, g in enumerate(guides):
+        sd = g.marginal_variance().sqrt()
+        assert ((chains[r].mean(0) - g.loc).abs() < 5 * sd / 4000**0.5).all()
+
+
+def test_usable_in_predictive():
+    x = torch.randn(7, D)
+    ms = MultiSWAG(synthetic_guides())
+    out = Predictive(linreg, guide=ms, num_samples=30)(x)
+    assert out["obs"].shape == (30, 7) and out["w"].shape[-1] == D
+    assert (out["sigma"] > 0).all()
+
+
+def test_errors():
+    guides = synthetic_guides()
+    with pytest.raises(ValueError, match="guides is empty"):
+        MultiSWAG([])
+    with pytest.raises(TypeError, match=r"guides\[1\] is a str"):
+        MultiSWAG([guides[0], "nope"])
+    other = SWAGGuide(linreg, torch.zeros(4), torch.ones(4), torch.zeros(0, 4))
+    with pytest.raises(ValueError, match="num_chains=2 but a MultiSWAG guide"):
+        to_datatree(MultiSWAG(guides), (torch.randn(5, D),), {"y": torch.randn(5)},
+                    num_chains=2)
+    with pytest.raises(ValueError, match=r"guides\[1\] has 4 latent entries"):
+        MultiSWAG([guides[0], other])
+    with pytest.raises(ValueError, match="weights must be 3 positive"):
+        MultiSWAG(guides, weights=[1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match="num_draws must be a positive int"):
+        MultiSWAG(guides).sample_chains(0)
+    with pytest.raises(TypeError, match="expected a SWAGGuide"):
+        fit_runs(lambda seed: None, 2, progress=False)
+    with pytest.raises(ValueError, match="pass model=the model"):
+        fit_runs(_synthetic_run, 2, processes=2, progress=False)
+
+
+def _synthetic_run(seed):
+    """Module level, so spawn workers can unpickle it."""
+    return synthetic_guides(diagonal=(False,))[0] if seed == 0 else synthetic_guides()[seed]
+
+
+@pytest.mark.slow  # two spawned interpreters import torch and pyro: ~10 s of CPU
+def test_fit_runs_in_processes_equals_in_process():
+    seq = fit_runs(_synthetic_run, [0, 1, 2], progress=False)
+    par = fit_runs(_synthetic_run, [0, 1, 2], model=linreg, processes=2, progress=False)
+    for name in ("loc", "cov_factor", "cov_diag", "weights"):
+        torch.testing.assert_close(getattr(par, name), getattr(seq, name))
+
+
+@pytest.fixture(scope="module")
+def runs():
+    pyro.set_rng_seed(3)
+    x = torch.randn(N, D)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 + 0.5 * torch.randn(N)
+    inits = [init_to_value(values={"w": torch.full((D,), v)}) for v in (-2.0, -1.0, 1.0, 2.0)]
+    uni = fit_runs(lambda s: fit_swag(linreg, x, y, inits[s], epochs=(50, 40)), 4, progress=False)
+    x1 = torch.randn(N)
+    y1 = 2.25 * x1 + 0.5 * torch.randn(N)
+    signs = [init_to_value(values={"w": torch.tensor(v)}) for v in (1.0, -1.0, 1.0, -1.0)]
+    bi = fit_runs(lambda s: fit_swag(squared, x1, y1, signs[s], lr=1e-4), 4, progress=False)
+    return {
+        "uni": to_datatree(uni, (x,), {"y": y}, num_draws=200),
+        "bi": to_datatree(bi, (x1,), {"y": y1}, num_draws=200),
+        "bi_guide": bi, "x1": x1,
+    }
+
+
+def test_rhat_near_one_on_unimodal_model(runs):
+    dt = runs["uni"]
+    assert dt["posterior"].sizes["chain"] == 4
+    rhat = arviz_stats.rhat(dt)
+    assert max(float(rhat[v].max()) for v in ("w", "b", "sigma")) < 1.1
+
+
+def test_rhat_flags_two_modes_and_predictive_covers_both(runs):
+    rhat = float(arviz_stats.rhat(runs["bi"])["w"])
+    assert rhat > 1.1
+    w = Predictive(squared, guide=runs["bi_guide"], num_samples=400)(runs["x1"])["w"]
+    frac = (w > 0).float().mean().item()
+    assert 0.3 < frac < 0.7, frac
+    assert (w.abs() - 1.5).abs().max() < 0.3  # both draws sit at the modes +-1.5
+
+
+def test_example_smoke(tmp_path):
+    env = dict(os.environ, MPLBACKEND="Agg")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "multiswag.py"), "--smoke", "--out",
+         str(tmp_path)], capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "R-hat" in proc.stdout
+    assert (tmp_path / "multiswag_chains.png").exists()
+
