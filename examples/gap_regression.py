@@ -97,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     sizes = dict(epochs=12, swa_start=6, num_samples=30) if args.smoke else {}
-    result = run(seed=args.seed, quiet=args.smoke, **sizes)
+    result = run(seed=args.seed, quiet=True if args.smoke else None, **sizes)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(result, args.out / "gap_regression.png")
     ratio = result["gap_width"] / result["data_width"]
