@@ -39,8 +39,8 @@ from pyro_swag.predictive import predictive
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=1, help="independent SWAG runs (MultiSWAG)")
-    p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("--swa-start", type=int, default=200, help="first epoch that is collected")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--swa-start", type=int, default=20, help="first epoch that is collected")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (all ranks of a run)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--rank", type=int, default=20, help="SWAG deviations K")

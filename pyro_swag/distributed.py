@@ -135,7 +135,10 @@ def _assemble(
         return list(parts)
     receive = dst is None or rank == dst
     total = sum(widths)
-    full = [t.new_empty(t.shape[0], total) for t in parts] if receive else None
+    mine_only = receive and widths[rank] == total  # rank-0 mode: use own blocks as they are
+    full = list(parts) if mine_only else None
+    if receive and not mine_only:
+        full = [t.new_empty(t.shape[0], total) for t in parts]
     comm = _comm_device(group)
     start = 0
     for src, width in enumerate(widths):
@@ -145,7 +148,7 @@ def _assemble(
             continue
         for i, t in enumerate(parts):
             if src == rank:
-                if receive:
+                if receive and not mine_only:
                     full[i][:, cols] = t
                 if dst is None:
                     dist.broadcast(t.contiguous().to(comm), src=_global(group, src), group=group)
