@@ -396,7 +396,7 @@ def fit(
             swa = epoch >= swa_start
             if swa and swa_optim is None:
                 if history["swa_lr"] is None:
-                    history["swa_lr"] = _auto_lr(model, collector, batches, n, kwargs)
+                    history["swa_lr"] = _auto_lr(model, collector, batches, n, swa_momentum)
                 lr = history["swa_lr"]
                 swa_optim = pyro.optim.PyroLRScheduler(
                     SWALR,
@@ -469,7 +469,7 @@ def _step_scheduler(optim, loss: float) -> None:
         optim.step()
 
 
-def _auto_lr(model, collector, batches, n, kwargs) -> float:
+def _auto_lr(model, collector, batches, n, momentum: float) -> float:
     try:
         from .lr import suggest_swa_lr
     except ImportError as err:  # pragma: no cover - depends on the optional module
@@ -477,7 +477,10 @@ def _auto_lr(model, collector, batches, n, kwargs) -> float:
             "swa_lr='auto' needs pyro_swag.lr.suggest_swa_lr, which is not available; "
             "pass a number, e.g. swa_lr=0.01"
         ) from err
-    lr = float(suggest_swa_lr(model, collector, [_as_args(b) for b in batches], num_data=n))
+    batches = [_as_args(b) for b in batches]
+    lr = float(
+        suggest_swa_lr(model, collector, batches, num_data=n, momentum=momentum, per_datum=True)
+    )
     if not 0 < lr < math.inf:
         raise RuntimeError(f"suggest_swa_lr returned {lr}; pass swa_lr explicitly")
     return lr
