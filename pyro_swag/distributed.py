@@ -32,6 +32,15 @@ import torch
 import torch.distributed as dist
 from pyro.infer import ELBO, Trace_ELBO
 
+from ._distributed_comm import (
+    assemble,
+    close_distributed,
+    comm_device,
+    default_backend,
+    global_rank,
+    init_distributed,
+    rank_size,
+)
 from .autoguide import SWAGCollector, SWAGGuide, _layout
 from .moments import SWAGMoments
 
@@ -44,124 +53,6 @@ __all__ = [
     "init_distributed",
     "split_runs",
 ]
-
-
-def default_backend(device: torch.device | str) -> str:
-    """``"nccl"`` for CUDA devices, ``"gloo"`` otherwise."""
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
-
-
-def init_distributed(
-    device: torch.device | str | None = None, backend: str | None = None
-) -> torch.device:
-    """Join the process group that ``torchrun`` describes and return this rank's device.
-
-    The device defaults to ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU; the
-    backend follows it (:func:`default_backend`). Outside ``torchrun`` (no ``WORLD_SIZE`` in
-    the environment) nothing is initialised and the code runs as a single process.
-    """
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
-        return device
-    backend = backend or default_backend(device)
-    kwargs = {}
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # torchrun's agent keeps one store across restarts (--max-restarts), so a restarted
-        # group would read the dead workers' addresses: give every attempt its own keys.
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False
-        )
-        kwargs = {
-            "store": dist.PrefixStore(f"pyro_swag/attempt{attempt}", store),
-            "rank": int(os.environ["RANK"]),
-            "world_size": int(os.environ["WORLD_SIZE"]),
-        }
-    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, **kwargs)
-    return device
-
-
-def close_distributed() -> None:
-    """Wait for every rank, then destroy the process groups (no-op without them).
-
-    The barrier keeps a rank from tearing down while a peer still finishes a collective.
-    """
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def _world(group) -> tuple[int, int]:
-    """(rank, size) of this process in ``group``; (0, 1) without a process group."""
-    if not dist.is_initialized():
-        if group is not None:
-            raise RuntimeError(
-                "a process group was passed but torch.distributed is not initialised; "
-                "call pyro_swag.distributed.init_distributed() under torchrun first"
-            )
-        return 0, 1
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError(
-            f"this process (global rank {dist.get_rank()}) is not a member of group={group!r}; "
-            "pass the group this rank belongs to (see split_runs)"
-        )
-    return rank, dist.get_world_size(group)
-
-
-def _comm_device(group) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _global(group, rank: int) -> int:
-    return rank if group is None else dist.get_global_rank(group, rank)
-
-
-def _assemble(
-    parts: list[torch.Tensor], widths: list[int], rank: int, dst: int | None, group
-) -> list[torch.Tensor] | None:
-    """Concatenate every rank's column block of each ``parts[i]`` (rows x width_r) on group
-    rank ``dst`` (on every rank when ``None``, by one broadcast per block; otherwise by
-    point-to-point sends). Receivers hold the full result plus one block, never a list of
-    all blocks; the others get ``None``."""
-    if len(widths) == 1:
-        return list(parts)
-    receive = dst is None or rank == dst
-    total = sum(widths)
-    mine_only = receive and widths[rank] == total  # rank-0 mode: use own blocks as they are
-    full = list(parts) if mine_only else None
-    if receive and not mine_only:
-        full = [t.new_empty(t.shape[0], total) for t in parts]
-    comm = _comm_device(group)
-    start = 0
-    for src, width in enumerate(widths):
-        cols = slice(start, start + width)
-        start += width
-        if width == 0 or (dst is not None and rank not in (src, dst)):
-            continue
-        for i, t in enumerate(parts):
-            if src == rank:
-                if receive and not mine_only:
-                    full[i][:, cols] = t
-                if dst is None:
-                    dist.broadcast(t.contiguous().to(comm), src=_global(group, src), group=group)
-                elif src != dst:
-                    dist.send(t.contiguous().to(comm), dst=_global(group, dst), group=group)
-                continue
-            buf = torch.empty(t.shape[0], width, dtype=t.dtype, device=comm)
-            if dst is None:
-                dist.broadcast(buf, src=_global(group, src), group=group)
-            else:
-                dist.recv(buf, src=_global(group, src), group=group)
-            full[i][:, cols] = buf
-    return full
 
 
 def _guide_from(source, loc, variance, deviations, scale: float, diagonal: bool) -> SWAGGuide:
@@ -223,7 +114,7 @@ class DistributedSWAG:
         self.loss = Trace_ELBO() if loss is None else loss
         self.shard = bool(shard)
         self.group = group
-        self.rank, self.world_size = _world(group)
+        self.rank, self.world_size = rank_size(group)
         self._make_optimizer = optimizer
         self.optimizer: torch.optim.Optimizer | None = None
         m = collector.moments
@@ -241,8 +132,8 @@ class DistributedSWAG:
                 self.collector(*args, **kwargs)
         loc = self.collector.loc
         if self.world_size > 1:
-            buf = loc.detach().to(_comm_device(self.group))
-            dist.broadcast(buf, src=_global(self.group, 0), group=self.group)
+            buf = loc.detach().to(comm_device(self.group))
+            dist.broadcast(buf, src=global_rank(self.group, 0), group=self.group)
             with torch.no_grad():
                 loc.copy_(buf)
         self.optimizer = self._make_optimizer(list(self.collector.parameters()))
@@ -278,7 +169,7 @@ class DistributedSWAG:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1)])
         if self.world_size > 1:
-            buf = flat.to(_comm_device(self.group))
+            buf = flat.to(comm_device(self.group))
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
             flat = buf.to(flat.device) / self.world_size
         offset = 0
@@ -319,7 +210,7 @@ class DistributedSWAG:
         m = self.moments
         m._require(1)
         parts = [torch.stack([m.mean, m.m2]), m.deviations]
-        full = _assemble(parts, self._widths(), self.rank, dst, self.group)
+        full = assemble(parts, self._widths(), self.rank, dst, self.group)
         if full is None:
             return None
         out = SWAGMoments(m.rank, m.min_var, m.deviation_dtype, m.device)
@@ -344,7 +235,7 @@ class DistributedSWAG:
                 "call collect() during training (collect more snapshots first)"
             )
         parts = [torch.stack([m.mean, m.variance()]), m.deviation_matrix()]
-        full = _assemble(parts, self._widths(), self.rank, dst, self.group)
+        full = assemble(parts, self._widths(), self.rank, dst, self.group)
         if full is None:
             return None
         (vec, devs), c = full, self.collector
@@ -425,7 +316,7 @@ class DistributedSWAG:
         step = -1 if state is None else int(state["meta"]["num_steps"])
         lo_hi = torch.tensor([step, -step], dtype=torch.long)
         if self.world_size > 1:
-            buf = lo_hi.to(_comm_device(self.group))
+            buf = lo_hi.to(comm_device(self.group))
             dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=self.group)
             lo_hi = buf.cpu()
         lo, hi = int(lo_hi[0]), -int(lo_hi[1])
@@ -464,7 +355,7 @@ class Runs:
 
 def split_runs(num_runs: int) -> Runs:
     """Split the world into ``num_runs`` equal groups of consecutive ranks; collective."""
-    rank, world = _world(None)
+    rank, world = rank_size(None)
     if isinstance(num_runs, bool) or not isinstance(num_runs, int) or num_runs < 1:
         raise ValueError(f"num_runs must be an integer >= 1, got num_runs={num_runs!r}")
     if world % num_runs:
@@ -489,16 +380,16 @@ def gather_runs(
     latent size); they may hold different numbers of deviations.
     """
     guide = swag.swag_guide(scale=scale, diagonal=diagonal, dst=0)
-    rank = _world(None)[0]
+    rank = rank_size(None)[0]
     if runs.num_runs == 1 or guide is None:
         return [guide] if guide is not None and rank == 0 else None
     group, me = runs.leaders, dist.get_rank(runs.leaders)
-    comm = _comm_device(group)
+    comm = comm_device(group)
     sizes = [torch.zeros(1, dtype=torch.long, device=comm) for _ in range(runs.num_runs)]
     dist.all_gather(sizes, torch.tensor([guide.rank], device=comm), group=group)
     if me != 0:
         for t in (torch.stack([guide.loc, guide.variance]), guide.deviations):
-            dist.send(t.contiguous().to(comm), dst=_global(group, 0), group=group)
+            dist.send(t.contiguous().to(comm), dst=global_rank(group, 0), group=group)
         return None
     guides = []
     for run, k in enumerate(int(s) for s in sizes):
@@ -508,7 +399,7 @@ def gather_runs(
         vec = torch.empty(2, guide.loc.numel(), dtype=guide.loc.dtype, device=comm)
         devs = torch.empty(k, guide.loc.numel(), dtype=guide.deviations.dtype, device=comm)
         for t in (vec, devs):
-            dist.recv(t, src=_global(group, run), group=group)
+            dist.recv(t, src=global_rank(group, run), group=group)
         vec, devs = vec.to(guide.loc.device), devs.to(guide.loc.device)
         guides.append(_guide_from(guide, vec[0], vec[1], devs, scale, diagonal))
     return guides
