@@ -19,11 +19,10 @@ and checks the scale of the observed sites (``pyro.plate("data", N, subsample=id
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import pyro
@@ -35,6 +34,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from torch.optim.swa_utils import SWALR
 from tqdm.auto import tqdm
 
+from ._minibatch import _accepts, _as_args, _batches, _check_scaling, _TensorBatches
 from .autoguide import SWAGCollector, SWAGGuide
 
 __all__ = ["FitResult", "fit"]
@@ -58,117 +58,6 @@ class FitResult(NamedTuple):
 
     guide: SWAGGuide | None
     history: dict[str, Any]
-
-
-class _TensorBatches:
-    """Shuffled minibatches of a tuple of tensors, drawn from the global torch RNG."""
-
-    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int) -> None:
-        self.tensors = tensors
-        self.n = tensors[0].shape[0]
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.batch_size)
-
-    def __iter__(self):
-        perm = torch.randperm(self.n)
-        for i in range(0, self.n, self.batch_size):
-            idx = perm[i : i + self.batch_size]
-            yield tuple(t[idx.to(t.device)] for t in self.tensors)
-
-
-def _batches(data, batch_size, num_data):
-    """Return (iterable of batches, N)."""
-    if isinstance(data, torch.Tensor):
-        data = (data,)
-    if isinstance(data, (tuple, list)):
-        if not data or not all(isinstance(t, torch.Tensor) for t in data):
-            raise TypeError("data must be a tuple of tensors (x, y) or a DataLoader")
-        n = data[0].shape[0] if data[0].dim() else 0
-        if n == 0:
-            raise ValueError("data holds no rows (the first tensor is empty); pass non-empty data")
-        if any(t.dim() == 0 or t.shape[0] != n for t in data):
-            raise ValueError(
-                f"data tensors have first dimensions {[tuple(t.shape)[:1] for t in data]}; "
-                "they must all have the same number of rows"
-            )
-        if num_data is not None and num_data != n:
-            raise ValueError(f"num_data={num_data} but the data tuple has {n} rows; drop num_data")
-        bs = n if batch_size is None else batch_size
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got batch_size={batch_size!r}")
-        return _TensorBatches(tuple(data), min(bs, n)), n
-    if not isinstance(data, Iterable):
-        raise TypeError(
-            f"data must be a tuple of tensors (x, y) or a DataLoader, got {type(data).__name__}"
-        )
-    if batch_size is not None:
-        raise ValueError(
-            f"batch_size={batch_size} applies to tensor data only; a loader uses its own "
-            "batch size: drop batch_size"
-        )
-    if num_data is None:
-        dataset = getattr(data, "dataset", None)
-        try:
-            num_data = len(dataset)
-        except TypeError:
-            raise ValueError(
-                "cannot tell the full data size of this loader (its dataset has no len()); "
-                "pass num_data=N so minibatch likelihoods are scaled by N / batch size"
-            ) from None
-    try:
-        empty = len(data) == 0
-    except TypeError:  # an iterable-style loader: found out when iterating
-        empty = False
-    if empty or num_data == 0:
-        raise ValueError("the loader is empty (0 batches); pass a loader that yields data")
-    return data, int(num_data)
-
-
-def _as_args(batch) -> tuple:
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch)
-    raise TypeError(
-        f"a batch must be a tensor or a tuple/list of tensors, got {type(batch).__name__}"
-    )
-
-
-def _accepts(model: Callable, name: str | None) -> bool:
-    if name is None:
-        return False
-    fn = model.forward if isinstance(model, torch.nn.Module) else model
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
-
-
-def _check_scaling(model, args, kwargs, num_data: int) -> None:
-    """Raise unless the observed sites of a minibatch are scaled by ``num_data / batch``."""
-    batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None
-    if batch is None or batch == num_data:
-        return
-    with torch.random.fork_rng(), torch.no_grad():
-        trace = poutine.trace(model).get_trace(*args, **kwargs)
-    observed = [
-        (name, float(site["scale"]))
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and site["is_observed"]
-    ]
-    expected = num_data / batch
-    for name, scale in observed:
-        if abs(scale - expected) > 1e-4 * expected:
-            raise ValueError(
-                f"minibatch of {batch} of num_data={num_data} points, but the observed site "
-                f"{name!r} has likelihood scale {scale:g} instead of {expected:g}: the model does "
-                "not declare the full data size. Wrap the likelihood in "
-                f"pyro.plate('data', size={num_data}, subsample=torch.arange({batch})) (or accept "
-                "a num_data argument), or pass check_scaling=False if the scale is intended"
-            )
 
 
 def _unwrap(collector: SWAGCollector) -> tuple[Any, Callable]:
@@ -257,7 +146,7 @@ def fit(
         Per-datum SGD learning rate of the SWA phase; ``"auto"`` asks
         :func:`pyro_swag.lr.suggest_swa_lr` at ``swa_start``.
     batch_size : int, optional
-        Minibatch size for tensor data (default: the whole data set).
+        Minibatch size for tensor data (default ``min(N, 128)``).
     optim : pyro.optim.PyroOptim, optional
         Pre-training optimiser (default ``Adam(lr=0.01)``); a ``PyroLRScheduler`` is stepped
         once per pre-training epoch.
@@ -336,7 +225,7 @@ def fit(
     if collector.prototype_trace is None:
         _use_network_init(collector, model)
         collector(*args, **kwargs)
-    if isinstance(batches, _TensorBatches) and batches.batch_size == n and collect_every_steps:
+    if isinstance(batches, _TensorBatches) and batches.batch_size == n > 1:
         warnings.warn(
             "full-batch SGD: SWAG's covariance then reflects only the deterministic "
             "drift of the iterates; pass batch_size < N",

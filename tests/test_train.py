@@ -132,15 +132,16 @@ def test_network_init_and_pretrained_start():
     model = BayesianMLP(2, 1, (8,), noise=0.5)
     collector = SWAGCollector(model)
     stop = lambda epoch, history: True  # noqa: E731
-    fit(model, collector, (x, y), epochs=3, swa_start=1, swa_lr=0.01, batch_size=40,
+    fit(model, collector, (x, y), epochs=3, swa_start=1, swa_lr=0.01, batch_size=20,
         optim=pyro.optim.SGD({"lr": 0.0}), callback=stop, quiet=True)
     unpacked = {site["name"]: v for site, v in collector._unpack_latent(collector.loc.detach())}
     w0 = unpacked["layers.0.weight"]
     torch.testing.assert_close(w0, model._initial["layers.0.weight"])  # fan-in init, not zeros
     # continue from this (already set up) point with a tiny SWA rate: the mean stays there
     start = collector.loc.detach().clone()
-    guide, _ = fit(model, collector, (x, y), epochs=3, swa_start=0, swa_lr=1e-9,
-                   batch_size=40, quiet=True)
+    with pytest.warns(UserWarning, match="full-batch SGD"):
+        guide, _ = fit(model, collector, (x, y), epochs=3, swa_start=0, swa_lr=1e-9,
+                       batch_size=40, quiet=True)
     torch.testing.assert_close(guide.loc, start, atol=1e-6, rtol=0)
 
 

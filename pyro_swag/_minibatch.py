@@ -1,0 +1,123 @@
+"""Minibatches for :func:`pyro_swag.train.fit`: tensor shuffling, loaders, likelihood scaling."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from pyro import poutine
+
+DEFAULT_BATCH = 128
+
+
+class _TensorBatches:
+    """Shuffled minibatches of a tuple of tensors, drawn from the global torch RNG."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int) -> None:
+        self.tensors = tensors
+        self.n = tensors[0].shape[0]
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        perm = torch.randperm(self.n)
+        for i in range(0, self.n, self.batch_size):
+            idx = perm[i : i + self.batch_size]
+            yield tuple(t[idx.to(t.device)] for t in self.tensors)
+
+
+def _batches(data, batch_size, num_data):
+    """Return (iterable of batches, N)."""
+    if isinstance(data, torch.Tensor):
+        data = (data,)
+    if isinstance(data, (tuple, list)):
+        if not data or not all(isinstance(t, torch.Tensor) for t in data):
+            raise TypeError("data must be a tuple of tensors (x, y) or a DataLoader")
+        n = data[0].shape[0] if data[0].dim() else 0
+        if n == 0:
+            raise ValueError("data holds no rows (the first tensor is empty); pass non-empty data")
+        if any(t.dim() == 0 or t.shape[0] != n for t in data):
+            raise ValueError(
+                f"data tensors have first dimensions {[tuple(t.shape)[:1] for t in data]}; "
+                "they must all have the same number of rows"
+            )
+        if num_data is not None and num_data != n:
+            raise ValueError(f"num_data={num_data} but the data tuple has {n} rows; drop num_data")
+        bs = min(n, DEFAULT_BATCH) if batch_size is None else batch_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got batch_size={batch_size!r}")
+        return _TensorBatches(tuple(data), min(bs, n)), n
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            f"data must be a tuple of tensors (x, y) or a DataLoader, got {type(data).__name__}"
+        )
+    if batch_size is not None:
+        raise ValueError(
+            f"batch_size={batch_size} applies to tensor data only; a loader uses its own "
+            "batch size: drop batch_size"
+        )
+    if num_data is None:
+        dataset = getattr(data, "dataset", None)
+        try:
+            num_data = len(dataset)
+        except TypeError:
+            raise ValueError(
+                "cannot tell the full data size of this loader (its dataset has no len()); "
+                "pass num_data=N so minibatch likelihoods are scaled by N / batch size"
+            ) from None
+    try:
+        empty = len(data) == 0
+    except TypeError:  # an iterable-style loader: found out when iterating
+        empty = False
+    if empty or num_data == 0:
+        raise ValueError("the loader is empty (0 batches); pass a loader that yields data")
+    return data, int(num_data)
+
+
+def _as_args(batch) -> tuple:
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch)
+    raise TypeError(
+        f"a batch must be a tensor or a tuple/list of tensors, got {type(batch).__name__}"
+    )
+
+
+def _accepts(model: Callable, name: str | None) -> bool:
+    if name is None:
+        return False
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _check_scaling(model, args, kwargs, num_data: int) -> None:
+    """Raise unless the observed sites of a minibatch are scaled by ``num_data / batch``."""
+    batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None
+    if batch is None or batch == num_data:
+        return
+    with torch.random.fork_rng(), torch.no_grad():
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
+    observed = [
+        (name, float(site["scale"]))
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and site["is_observed"]
+    ]
+    expected = num_data / batch
+    for name, scale in observed:
+        if abs(scale - expected) > 1e-4 * expected:
+            raise ValueError(
+                f"minibatch of {batch} of num_data={num_data} points, but the observed site "
+                f"{name!r} has likelihood scale {scale:g} instead of {expected:g}: the model does "
+                "not declare the full data size. Wrap the likelihood in "
+                f"pyro.plate('data', size={num_data}, subsample=torch.arange({batch})) (or accept "
+                "a num_data argument), or pass check_scaling=False if the scale is intended"
+            )
