@@ -33,11 +33,12 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def make_collector(seed: int) -> SWAGCollector:
+def make_collector(seed: int, deviation_dtype: torch.dtype | None = None) -> SWAGCollector:
     pyro.clear_param_store()  # collectors share the param name "AutoSWAGCollector.loc"
     torch.manual_seed(seed)
     model = BayesianMLP(1, hidden=(8,), noise=0.3)
-    return SWAGCollector(model, rank=RANK, init_loc_fn=model.init_loc_fn())
+    init = model.init_loc_fn()
+    return SWAGCollector(model, rank=RANK, init_loc_fn=init, deviation_dtype=deviation_dtype)
 
 
 def batch(step: int, seed: int) -> torch.Tensor:
@@ -48,15 +49,15 @@ def batch(step: int, seed: int) -> torch.Tensor:
 optimizer = functools.partial(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
 
 
-def reference(seed: int):
+def reference(seed: int, deviation_dtype: torch.dtype | None = None):
     """The SWAG guide of single-process SVI with plain Pyro on the same data order."""
-    return reference_collector(seed).swag_guide()
+    return reference_collector(seed, deviation_dtype).swag_guide()
 
 
-def reference_collector(seed: int) -> SWAGCollector:
+def reference_collector(seed: int, deviation_dtype: torch.dtype | None = None) -> SWAGCollector:
     """Single-process SVI with plain Pyro on the same data order."""
     x, y = make_data()
-    collector = make_collector(seed)
+    collector = make_collector(seed, deviation_dtype)
     svi = SVI(
         collector.model, collector, pyro.optim.SGD({"lr": LR, "momentum": MOMENTUM}), Trace_ELBO()
     )
@@ -111,6 +112,12 @@ def ddp(out: Path) -> None:
             everywhere = swag.swag_guide(dst=None)
             torch.save(everywhere.state_dict(), out / f"guide-all-rank{rank}.pt")
     (out / f"info-rank{rank}.json").write_text(json.dumps(info))
+
+    swag = DistributedSWAG(make_collector(0, torch.bfloat16), optimizer)  # bf16 deviations
+    train(swag, 0, rank, world)
+    guide = swag.swag_guide(dst=0)
+    if guide is not None:
+        torch.save(guide.state_dict(), out / "guide-bf16.pt")
 
     runs = split_runs(2)
     swag = DistributedSWAG(make_collector(100 + runs.run), optimizer, group=runs.group)

@@ -77,6 +77,17 @@ def test_two_rank_guide_equals_single_process_guide(launched, shard):
     _assert_guides_close(got, ref)
 
 
+def test_bfloat16_deviations_travel_in_their_dtype(launched):
+    ref = w.reference(0, torch.bfloat16)
+    got = _load(launched / "guide-bf16.pt", ref.model)
+    assert got.deviations.dtype == torch.bfloat16
+    torch.testing.assert_close(got.loc, ref.loc, rtol=1e-4, atol=1e-5)
+    scale = float(ref.deviations.float().abs().max())
+    torch.testing.assert_close(  # one bf16 rounding step (2^-8 relative) apart at most
+        got.deviations.float(), ref.deviations.float(), rtol=1e-2, atol=1e-2 * scale
+    )
+
+
 def test_guide_gathered_to_every_rank_is_identical(launched):
     ref = w.reference(0)
     g0 = _load(launched / "guide-all-rank0.pt", ref.model)
