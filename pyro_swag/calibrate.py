@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -90,7 +90,6 @@ class Calibration:
     criterion: str
     num_samples: int
     initial_scale: float
-    extra: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Plain Python (floats, lists, str) for ``state_dict`` and DataTree attributes."""
