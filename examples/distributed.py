@@ -48,9 +48,9 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="directory for per-rank checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes (a few seconds)")
+    if p.parse_args().smoke:  # tiny defaults; explicit flags still win
+        p.set_defaults(epochs=6, swa_start=3, rank=3)
     args = p.parse_args()
-    if args.smoke:
-        args.epochs, args.swa_start, args.rank = 6, 3, 3
     torch.set_num_threads(1)
 
     device = init_distributed()
@@ -79,7 +79,7 @@ def main() -> None:
         sampler=sampler,
         drop_last=True,
     )
-    first_epoch = 0
+    first_epoch, loss = 0, float("nan")
     if args.checkpoint:
         xb, yb = next(iter(loader))
         if swag.resume(args.checkpoint, xb, yb, num_data=n):
