@@ -31,7 +31,7 @@ def linear_model(x, y=None, num_data=None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (< 20 s)")
-    parser.add_argument("--out", default="compare-linear")
+    parser.add_argument("--out", default="out/compare-linear")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = load_dataset("diabetes")

@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--data-dir", help="UCI data directory (default $PYRO_SWAG_DATA or "
                      "../shared/data/UCI_Datasets)")
     cmp.add_argument("--split", type=int, default=0, help="split index (default 0)")
-    cmp.add_argument("--out", default="compare-out", help="output directory")
+    cmp.add_argument("--out", default="out/compare", help="output directory (default out/compare)")
     cmp.add_argument("--hidden", type=int, nargs="+", default=[50],
                      help="hidden layer widths (default 50)")
     cmp.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),

@@ -49,6 +49,11 @@ class CompareConfig:
         Adam learning rate.
     pretrain_batch_size : int
         Minibatch size of the Adam phases (MAP pre-training and the SVI baselines).
+    pretrain_val_fraction : float
+        Early stopping of pre-training: this share of the training data is held out and
+        the pre-training point with the best held-out log-likelihood (checked every
+        ``eval_every`` steps) is kept; pre-training stops after ``patience`` checks
+        without improvement. The SWA phase then uses all training data. 0: off.
     jit : bool
         Use ``JitTrace_ELBO`` in the Adam phases (~3x faster on small nets).
     swa_c : float
@@ -80,9 +85,12 @@ class CompareConfig:
 
     hidden: tuple[int, ...] = (50,)
     batch_size: int = 32
-    pretrain_steps: int = 4000
+    pretrain_steps: int = 3000
     pretrain_lr: float = 1e-2
     pretrain_batch_size: int = 128
+    pretrain_val_fraction: float = 0.1
+    eval_every: int = 100
+    patience: int = 10
     jit: bool = True
     swa_c: float = 0.1
     swa_snapshots: int = 50
@@ -90,11 +98,11 @@ class CompareConfig:
     rank: int = 20
     num_samples: int = 100
     multiswag_runs: int = 3
-    svi_steps: int = 4000
+    svi_steps: int = 3000
     svi_lr: float = 1e-2
-    nuts_warmup: int = 200
-    nuts_samples: int = 200
-    nuts_max_tree_depth: int = 8
+    nuts_warmup: int = 100
+    nuts_samples: int = 100
+    nuts_max_tree_depth: int = 6
     nuts_budget_s: float = 150.0
     calibration: str = "elbo"
     methods: tuple[str, ...] = METHODS
@@ -145,7 +153,7 @@ def _move_into(tmp: Path, out: Path) -> None:
 
 def compare(
     data: Dataset | str = "diabetes",
-    out_dir: str | Path | None = "compare-out",
+    out_dir: str | Path | None = "out/compare",
     *,
     model: Callable | None = None,
     model_factory: Callable[[int], Callable] | None = None,

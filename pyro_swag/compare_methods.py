@@ -73,6 +73,23 @@ def _elbo(config):
     return Trace_ELBO()
 
 
+def _holdout(n: int, fraction: float, seed: int):
+    """Indices of the pre-training part and of the held-out part (None when fraction=0)."""
+    if fraction <= 0 or n < 20:
+        return torch.arange(n), None
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = max(1, round(fraction * n))
+    return perm[k:].sort().values, perm[:k]
+
+
+@torch.no_grad()
+def _val_loglik(model, collector, x, y, val) -> float:
+    values = collector(x[:2], y[:2], num_data=x.shape[0])
+    cond = pyro.poutine.condition(model, data=values)
+    trace = pyro.poutine.trace(cond).get_trace(x[val], y[val])
+    return float(trace.nodes["obs"]["fn"].log_prob(y[val]).mean())
+
+
 def _precision(model, values: dict[str, torch.Tensor]) -> float:
     """Noise precision ``tau_hat`` at the MAP (1 for classification)."""
     if "precision" in values:
@@ -108,15 +125,29 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
     optim = pyro.optim.ClippedAdam(
         {"lr": config.pretrain_lr, "clip_norm": 10.0, "lrd": 0.1 ** (1 / steps)}
     )
-    scaled = pyro.poutine.scale(model, scale=1.0 / n)
-    svi = SVI(scaled, pyro.poutine.scale(collector, scale=1.0 / n), optim, _elbo(config))
+    train, val = _holdout(n, config.pretrain_val_fraction, seed)
+    xt, yt, nt = x[train], y[train], train.numel()
+    scaled = pyro.poutine.scale(model, scale=1.0 / nt)
+    svi = SVI(scaled, pyro.poutine.scale(collector, scale=1.0 / nt), optim, _elbo(config))
     start = time.perf_counter()
-    it = _batches(n, pre_batch)
-    for _ in tqdm(range(steps), desc=f"{desc} pre-train", disable=quiet, leave=False):
+    it = _batches(nt, min(pre_batch, nt))
+    best, best_ll, stale = None, -math.inf, 0
+    for step in tqdm(range(steps), desc=f"{desc} pre-train", disable=quiet, leave=False):
         idx = next(it)
-        loss = svi.step(x[idx], y[idx], num_data=n)
+        loss = svi.step(xt[idx], yt[idx], num_data=nt)
         if not math.isfinite(loss):
             raise RuntimeError(f"{desc}: pre-training loss became {loss}; lower pretrain_lr")
+        if val is not None and ((step + 1) % config.eval_every == 0 or step + 1 == steps):
+            ll = _val_loglik(model, collector, x, y, val)
+            if ll > best_ll:
+                best, best_ll, stale = collector.loc.detach().clone(), ll, 0
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    break
+    if best is not None:  # early stopping: the pre-training point best on held-out data
+        with torch.no_grad():
+            collector.loc.copy_(best)
     with torch.no_grad():  # the point mass's (constrained) site values
         map_values = {k: v.detach().clone() for k, v in collector(x, y, num_data=n).items()}
     pretrain_s = time.perf_counter() - start

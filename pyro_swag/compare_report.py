@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import platform
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,7 +27,9 @@ def _tree_and_loo(model, data, res, num_draws: int):
     draws = max(1, num_draws // chains) if res.mcmc is None else None
     try:
         dt = to_datatree(source, args, kwargs, model=model, num_chains=chains, num_draws=draws)
-        elpd = loo(dt)
+        with warnings.catch_warnings():  # high k-hat is reported in the table instead
+            warnings.simplefilter("ignore", UserWarning)
+            elpd = loo(dt)
     except (ValueError, RuntimeError, TypeError) as err:
         return None, {"loo_note": f"DataTree/LOO failed: {type(err).__name__}: {err}"}
     return dt, {

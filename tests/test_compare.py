@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny(**overrides):
-    values = dict(pretrain_steps=120, swa_snapshots=6, rank=4, num_samples=30,
-                  multiswag_runs=2, svi_steps=120, nuts_warmup=15, nuts_samples=30,
-                  nuts_max_tree_depth=4, nuts_budget_s=60.0)
+    values = dict(pretrain_steps=60, swa_snapshots=5, rank=4, num_samples=30,
+                  multiswag_runs=2, svi_steps=60, nuts_warmup=10, nuts_samples=30,
+                  nuts_max_tree_depth=3, nuts_budget_s=60.0)
     values.update(overrides)
     return quick_config(**values)
 
