@@ -85,6 +85,25 @@ def train(swag, seed, rank, world, first=0, on_step=None):
             on_step(t)
 
 
+def torn_checkpoint(swag, directory: Path, rank: int, world: int) -> str:
+    """Save, lose rank 1's file (a save cut short), resume: every rank must refuse."""
+    import torch.distributed as dist
+
+    from pyro_swag.distributed import DistributedSWAG
+
+    swag.save(directory)
+    if rank == 1:
+        swag._path(directory).unlink()
+    dist.barrier()
+    fresh = DistributedSWAG(make_collector(0), optimizer)
+    args, kwargs = microbatch(0, 0, rank, world, *make_data())
+    try:
+        fresh.resume(directory, *args, **kwargs)
+    except RuntimeError as err:
+        return str(err)
+    return "resumed"
+
+
 def ddp(out: Path) -> None:
     import torch.distributed as dist
 
@@ -111,6 +130,7 @@ def ddp(out: Path) -> None:
                 torch.save(moments.state_dict(), out / "moments-rank1.pt")
             everywhere = swag.swag_guide(dst=None)
             torch.save(everywhere.state_dict(), out / f"guide-all-rank{rank}.pt")
+            info["torn_checkpoint"] = torn_checkpoint(swag, out / "torn", rank, world)
     (out / f"info-rank{rank}.json").write_text(json.dumps(info))
 
     swag = DistributedSWAG(make_collector(0, torch.bfloat16), optimizer)  # bf16 deviations

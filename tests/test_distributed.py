@@ -115,6 +115,12 @@ def test_sharded_moments_split_memory(launched):
     assert [i["shard=False"]["bytes"] for i in info] == [full, 0]
 
 
+def test_checkpoint_torn_across_ranks_is_refused_on_every_rank(launched):
+    for r in (0, 1):
+        info = json.loads((launched / f"info-rank{r}.json").read_text())
+        assert "different steps (-1..30" in info["torn_checkpoint"]
+
+
 def test_multiswag_runs_are_independent_trajectories(launched):
     refs = [w.reference(100 + run) for run in (0, 1)]
     guides = [_load(launched / f"run{run}.pt", refs[run].model) for run in (0, 1)]
