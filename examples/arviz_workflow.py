@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import arviz_stats  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
@@ -111,8 +112,13 @@ def main() -> None:
                 corr = loo(dt).elpd
                 print(f"{name:<6} {naive:>15.2f} {corr:>10.2f} {khat:>11.2f} {ess:>7.0f}")
             else:
-                print(f"{name:<6} {naive:>15.2f} {'(exact)':>10} {'':>11} {'':>7}")
+                print(f"{name:<6} {naive:>15.2f} {'n/a':>10} {'':>11} {'':>7}")
         print(compare(dts)[["rank", "elpd", "p", "elpd_diff", "weight"]].round(2).to_string())
+        ess = {name: arviz_stats.ess(dt)  # one chain each here: R-hat needs several chains
+               for name, dt in dts.items()}
+        print("bulk ESS of", draws, "draws: " + "; ".join(
+            f"{name} " + ", ".join(f"{v}={float(e[v].min()):.0f}" for v in e.data_vars)
+            for name, e in ess.items()))
         plot_forest(dts, args.out / "forest.png", var_names=["w", "b", "sigma"])
         plot_ppc(dts["SWAG"], args.out / "ppc.png", num_samples=50)
         plot_loo_pit(dts["SWAG"], args.out / "loo_pit.png")

@@ -42,6 +42,7 @@ from pyro import poutine
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoDiagonalNormal
 from pyro.infer.autoguide.initialization import InitMessenger
+from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.poutine.util import prune_subsample_sites
 from scipy.special import logsumexp
 from torch.distributions import biject_to
@@ -93,6 +94,18 @@ class RecordingNUTS(NUTS):
 
 
 # ----------------------------------------------------------------------------- sites
+class _Unobserve(UnconditionMessenger):
+    """``poutine.uncondition`` restricted to the named sites (not ``pyro.deterministic``)."""
+
+    def __init__(self, names) -> None:
+        super().__init__()
+        self.names = set(names)
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["name"] in self.names:
+            super()._pyro_sample(msg)
+
+
 def _site_info(model: Callable, args: tuple, kwargs: dict) -> dict[str, dict]:
     """Latent, observed and deterministic sites of one prior run: ``{kind: {name: site}}``."""
     with torch.random.fork_rng(), torch.no_grad():
@@ -118,7 +131,9 @@ def _site_info(model: Callable, args: tuple, kwargs: dict) -> dict[str, dict]:
 def _site_dims(name: str, site: dict) -> list[str]:
     """Dimension names of a site's value: plate names where a plate sits, else defaults."""
     value = site["value"]
-    nb = value.dim() - site["fn"].event_dim
+    # pyro.deterministic declares every dim an event dim; its plates still index the value
+    deterministic = site["infer"].get("_deterministic")
+    nb = value.dim() - (0 if deterministic else site["fn"].event_dim)
     dims: list[str | None] = [None] * value.dim()
     for frame in site["cond_indep_stack"]:
         if frame.vectorized and frame.dim is not None and 0 <= nb + frame.dim < nb:
@@ -334,14 +349,18 @@ def to_datatree(
     obs_names = list(info["observed"])
     sites = obs_names + list(info["deterministic"])
     pred = predictive(
-        poutine.uncondition(model), None, *args, posterior_samples=values,
+        _Unobserve(obs_names)(model), None, *args, posterior_samples=values,
         return_sites=sites, chunk_size=chunk_size, **kwargs,
     )
     loglik = log_likelihood(model, values, *args, chunk_size=chunk_size, **kwargs)
 
-    def chains(x: torch.Tensor) -> np.ndarray:
+    def chains(x: torch.Tensor, shape: tuple | None = None) -> np.ndarray:
         x = x.detach().cpu()
-        return x.reshape(c, d, *x.shape[1:]).numpy()
+        return x.reshape(c, d, *(x.shape[1:] if shape is None else shape)).numpy()
+
+    def shape_of(k: str) -> tuple:
+        kind = "observed" if k in info["observed"] else "deterministic"
+        return tuple(info[kind][k]["value"].shape)
 
     stats["log_p"] = chains(log_p)
     if log_q is not None:
@@ -364,8 +383,8 @@ def to_datatree(
     var_dims.update({k: list(v) for k, v in (dims or {}).items()})
     data = {
         "posterior": {k: chains(values[k]) for k in info["latent"]}
-        | {k: chains(pred[k]) for k in info["deterministic"]},
-        "posterior_predictive": {k: chains(pred[k]) for k in obs_names},
+        | {k: chains(pred[k], shape_of(k)) for k in info["deterministic"]},
+        "posterior_predictive": {k: chains(pred[k], shape_of(k)) for k in obs_names},
         "log_likelihood": {k: chains(loglik[k]) for k in obs_names},
         "observed_data": {k: info["observed"][k]["value"].detach().cpu().numpy()
                           for k in obs_names},
@@ -476,7 +495,10 @@ def plot_ppc(dt: xr.DataTree, path=None, **kwargs):
 def plot_forest(dts: Mapping[str, xr.DataTree] | xr.DataTree, path=None, **kwargs):
     """Forest plot, one colour per method for a dict of exports (same chain/draw sizes)."""
     kwargs.setdefault("combined", True)
-    return _save(arviz_plots.plot_forest(dts, backend="matplotlib", **kwargs), path)
+    pc = arviz_plots.plot_forest(dts, backend="matplotlib", **kwargs)
+    if isinstance(dts, Mapping):
+        pc.add_legend("model")
+    return _save(pc, path)
 
 
 def plot_loo_pit(dt: xr.DataTree, path=None, corrected: bool | None = None, **kwargs):

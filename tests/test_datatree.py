@@ -44,7 +44,8 @@ def linreg(x, y=None, num_data=None):
     b = pyro.sample("b", dist.Normal(0.0, 1.0))
     sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
     with pyro.plate("data", size=num_data or x.shape[0], subsample=torch.arange(x.shape[0])):
-        pyro.sample("obs", dist.Normal(x @ w + b, sigma), obs=y)
+        mean = pyro.deterministic("mean", x @ w + b)
+        pyro.sample("obs", dist.Normal(mean, sigma), obs=y)
 
 
 def fit_swag(model, x, y, lr=2e-3, epochs=(25, 40), batch=25, **kw):
@@ -99,6 +100,10 @@ def test_schema_identical_across_methods(fitted):
                 assert a[var].dims == b[var].dims, (name, group, var)
                 assert a[var].shape == b[var].shape, (name, group, var)
     post = ref["posterior"]
+    assert post["mean"].dims == ("chain", "draw", "data")  # deterministic site, plate dim
+    expected = np.einsum("cdk,nk->cdn", post["w"].values, fitted["x"].numpy())
+    np.testing.assert_allclose(post["mean"].values, expected + post["b"].values[..., None],
+                               rtol=1e-4, atol=1e-5)
     assert post["w"].dims == ("chain", "draw", "w_dim_0") and post["w"].shape == (1, DRAWS, D)
     assert ref["log_likelihood"]["obs"].dims == ("chain", "draw", "data")
     assert ref["constant_data"]["x"].dims == ("data", "x_dim_1")
@@ -198,6 +203,14 @@ def test_plots_render_headless(fitted, tmp_path):
     assert ((pit >= 0) & (pit <= 1)).all() and pit.shape == (N,)
     for name in ("ppc", "forest", "loo_pit"):
         assert (tmp_path / f"{name}.png").stat().st_size > 5000
+
+
+def test_user_dims_and_coords(fitted):
+    dt = to_datatree(fitted["swag"], (fitted["x"],), {"y": fitted["y"]}, num_chains=2,
+                     num_draws=3, dims={"w": ["feature"]}, coords={"feature": ["a", "b", "c"]})
+    assert dt["posterior"]["w"].dims == ("chain", "draw", "feature")
+    assert list(dt["posterior"]["feature"].values) == ["a", "b", "c"]
+    assert dt["posterior"]["b"].shape == (2, 3)
 
 
 def test_errors(fitted):
