@@ -26,7 +26,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils import vector_to_parameters
 from torch.optim.swa_utils import update_bn
 
 from .autoguide import SWAGGuide
@@ -159,7 +158,9 @@ class ModuleSWAG(nn.Module):
 
     def _refresh(self, work: nn.Module, theta, loader, bn_update) -> None:
         named = dict(work.named_parameters())
-        vector_to_parameters(theta.to(self._device()), [named[n] for n, _ in self.layout])
+        with torch.no_grad():  # copy, not vector_to_parameters: its views would alias theta
+            for name, value in self.unflatten(theta.to(self._device())).items():
+                named[name].copy_(value)
         if bn_update is None:
             bn_update = has_batchnorm(work)
         if bn_update:
@@ -237,6 +238,7 @@ class ModuleSWAG(nn.Module):
         data: Iterable | None = None,
         scale: float = 1.0,
         diagonal: bool = False,
+        bn_per_draw: bool = False,
     ) -> tuple[Callable, SWAGGuide]:
         r"""A Pyro model over the network's parameters and the SWAG guide for it.
 
@@ -245,8 +247,10 @@ class ModuleSWAG(nn.Module):
         :math:`\mathcal{N}(0, \sigma_p^2)` (``prior_scale``), runs the network in eval mode
         through ``functional_call`` and observes ``"obs"`` in ``pyro.plate("data",
         num_data)``: ``Normal(out, sigma)``, ``Categorical(logits=out)`` or
-        ``Bernoulli(logits=out)``. BatchNorm runs with fixed statistics: those of the SWA
-        mean, re-estimated over ``data`` (a loader) when given, else the net's current ones.
+        ``Bernoulli(logits=out)``. BatchNorm runs in eval mode with fixed statistics: those
+        of the SWA mean, re-estimated over ``data`` (a loader) when given, else the net's
+        current ones; ``bn_per_draw=True`` instead re-estimates them over ``data`` on every
+        model call, i.e. for every draw (sequential draws only: ``Predictive(parallel=False)``).
 
         With ``likelihood="gaussian"`` and ``noise=None`` the precision
         :math:`\tau \sim \mathrm{Gamma}(a, b)` (``noise_prior``) is a latent site
@@ -266,8 +270,13 @@ class ModuleSWAG(nn.Module):
                 "likelihood='gaussian' with noise=None learns the noise precision from the "
                 "SWA-mean residuals: pass data=<loader of (x, y)>, or a fixed noise=sd"
             )
-        loc, var, dev = self.guide_tensors()
         bn_loader = data if has_batchnorm(self.net) else None
+        if bn_per_draw and bn_loader is None:
+            raise ValueError(
+                "bn_per_draw=True re-estimates BatchNorm statistics over data for every draw: "
+                "it needs a net with BatchNorm layers and data=<loader>"
+            )
+        loc, var, dev = self.guide_tensors()
         net = self._network(loc, bn_loader, None if bn_loader is not None else False)
         for p in net.parameters():
             p.requires_grad_(False)
@@ -281,6 +290,7 @@ class ModuleSWAG(nn.Module):
             dev = torch.cat([dev, dev.new_zeros(dev.shape[0], 1)], dim=1)
             layout.append(("precision", ()))
         model = _NetModel(net, self.layout, buffers, prior_scale, likelihood, noise, noise_prior)
+        model.bn_loader = bn_loader if bn_per_draw else None
         guide = SWAGGuide(model, loc, var, dev, scale=scale, diagonal=diagonal, layout=layout)
         return model, guide
 
@@ -303,13 +313,31 @@ class _NetModel:
         self.net, self.layout, self.buffers = net, layout, buffers
         self.prior_scale, self.likelihood = float(prior_scale), likelihood
         self.noise, self.noise_prior = noise, noise_prior
+        self.bn_loader = None
+
+    @torch.no_grad()
+    def _refreshed_buffers(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """BatchNorm statistics of the drawn parameters, one ``update_bn`` pass over the data."""
+        named = dict(self.net.named_parameters())
+        for name, shape in self.layout:
+            if params[name].shape != shape:
+                raise ValueError(
+                    f"bn_per_draw needs one draw per model call, but site {name!r} has shape "
+                    f"{tuple(params[name].shape)} (expected {shape}); use Predictive(..., "
+                    "parallel=False)"
+                )
+            named[name].copy_(params[name])
+        device = next(iter(named.values())).device
+        update_bn(self.bn_loader, self.net, device=device)
+        return {k: v.clone() for k, v in self.net.named_buffers()}
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None, num_data: int | None = None):
         params = {}
         for name, shape in self.layout:
             prior = dist.Normal(x.new_zeros(()), self.prior_scale).expand(shape)
             params[name] = pyro.sample(name, prior.to_event(len(shape)))
-        out = functional_call(self.net, {**params, **self.buffers}, (x,))
+        buffers = self.buffers if self.bn_loader is None else self._refreshed_buffers(params)
+        out = functional_call(self.net, {**params, **buffers}, (x,))
         if self.likelihood == "gaussian":
             if self.noise is None:
                 c, r = self.noise_prior

@@ -210,3 +210,27 @@ def test_digits_example_smoke():
     )
     assert proc.returncode == 0, proc.stderr
     assert "swag_no_bn_refresh" in proc.stdout and "pyro_route" in proc.stdout
+
+
+def test_to_pyro_bn_per_draw_matches_refreshed_network_and_leaves_moments():
+    net = bn_net()
+    swag = ModuleSWAG(net, rank=4)
+    data = (torch.randn(64, 4), torch.randint(0, 3, (64,)))
+    trajectory(net, swag, steps=6, data=data)
+    mean = swag.moments.mean.clone()
+    loader = DataLoader(TensorDataset(*data), batch_size=16)
+    model, guide = swag.to_pyro(likelihood="categorical", data=loader, bn_per_draw=True)
+    x = torch.randn(5, 4)
+    theta = swag.posterior().sample()
+    out = poutine.condition(model, data=swag.unflatten(theta))(x)
+    torch.testing.assert_close(out, swag._network(theta, loader, True)(x))
+    draws = Predictive(model, guide=guide, num_samples=3, return_sites=["_RETURN"])(x)
+    assert draws["_RETURN"].shape == (3, 5, 3)
+    # neither the Pyro model nor a returned network aliases the collected moments
+    swa = swag.swa_network(loader)
+    with torch.no_grad():
+        for p in swa.parameters():
+            p.add_(1.0)
+    torch.testing.assert_close(swag.moments.mean, mean, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="bn_per_draw=True"):
+        ModuleSWAG(nn.Linear(4, 3)).to_pyro(likelihood="categorical", bn_per_draw=True)
