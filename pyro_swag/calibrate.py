@@ -297,13 +297,14 @@ def calibrate_psis(
     """Choose the scale with the largest PSIS effective sample size of ``p / q``.
 
     Among scales whose Pareto :math:`\\hat k \\le 0.7`, the one with the largest PSIS ESS;
-    if none qualifies, the one with the smallest :math:`\\hat k` (with a warning: then no
-    scale makes the Gaussian a reliable proposal). ``*args, **kwargs`` are the training
+    if none qualifies, no scale makes the Gaussian a reliable proposal (nor its ESS a
+    reliable estimate): the guide's scale is kept, with a warning. The guide's current scale
+    is always added to the grid. ``*args, **kwargs`` are the training
     data, as in :func:`calibrate_elbo`; the grid is not refined (:math:`\\hat k` is not
     smooth in the scale). ``curve`` holds ``khat`` and ``ess`` (draws, out of
     ``num_samples``).
     """
-    grid = _check(guide, scales, num_samples)
+    grid = sorted(set(_check(guide, scales, num_samples)) | {guide.scale})
     draws = _Draws(guide, num_samples, args, kwargs)
     khat, ess = [], []
     for s in grid:
@@ -316,11 +317,12 @@ def calibrate_psis(
     ok = [i for i, k in enumerate(khat) if k <= KHAT_MAX]
     if ok:
         i = max(ok, key=lambda j: ess[j])
-    else:
-        i = min(range(len(grid)), key=lambda j: khat[j] if math.isfinite(khat[j]) else math.inf)
+    else:  # k-hat > 0.7 everywhere: ESS is unreliable too, so keep the current scale
+        i = grid.index(draws.s0)
         warnings.warn(
-            f"no scale gives Pareto k-hat <= {KHAT_MAX} (smallest {khat[i]:.2f} at scale "
-            f"{grid[i]:.3g}): the SWAG Gaussian is a poor importance proposal for this posterior",
+            f"no scale gives Pareto k-hat <= {KHAT_MAX} (smallest {min(khat):.2f}): the SWAG "
+            f"Gaussian is a poor importance proposal for this posterior; keeping "
+            f"scale={draws.s0:.3g}. Use method='elbo' or 'validation'",
             stacklevel=2,
         )
     curve = {"khat": khat, "ess": ess}
