@@ -112,6 +112,16 @@ def test_dataloader_and_user_optim_clip():
     assert guide.loc.shape == (3,) and len(history["loss"]) == 6
 
 
+def test_user_scheduler_stepped_per_pretraining_epoch():
+    x, y = make_data()
+    optim = pyro.optim.ExponentialLR(
+        {"optimizer": torch.optim.Adam, "optim_args": {"lr": 0.1}, "gamma": 0.5}
+    )
+    _, history = fit(linreg, SWAGCollector(linreg), (x, y), epochs=5, swa_start=3, swa_lr=0.01,
+                     batch_size=50, optim=optim, quiet=True)
+    assert history["lr"] == pytest.approx([0.1, 0.05, 0.025, 0.01, 0.01])
+
+
 def test_quiet_prints_nothing_and_bar_shows(capsys):
     x, y = make_data(n=60)
     fit(linreg, SWAGCollector(linreg), (x, y), epochs=3, swa_start=1, swa_lr=0.01,
