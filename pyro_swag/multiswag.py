@@ -169,6 +169,26 @@ class MultiSWAG(AutoContinuous):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.layout = state["layout"]
 
+    @classmethod
+    def from_state_dict(cls, model: Callable, state_dict: dict[str, Any]) -> MultiSWAG:
+        """Rebuild a mixture saved with ``torch.save(guide.state_dict(), path)``.
+
+        Load the file with ``torch.load(path, weights_only=True)``.
+        """
+        names = ("loc", "cov_factor", "cov_diag", "weights")
+        missing = sorted(set(names) - set(state_dict))
+        if missing:
+            raise ValueError(
+                f"state_dict lacks {missing}; pass the output of MultiSWAG.state_dict()"
+            )
+        guide = cls.__new__(cls)
+        AutoContinuous.__init__(guide, model)
+        for name in names:
+            guide.register_buffer(name, state_dict[name].clone())
+        layout = state_dict.get("_extra_state", {}).get("layout")
+        guide.layout = [(n, tuple(s)) for n, s in layout] if layout else None
+        return guide
+
 
 def _fit_one(fit_run: Callable[[int], SWAGGuide], seed: int, threads: int | None):
     """Worker: seed everything, fit one run, return its state dict on the CPU."""

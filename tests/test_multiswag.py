@@ -89,6 +89,21 @@ def test_mixture_density_is_weighted_sum_of_components():
     torch.testing.assert_close(ms.marginal_variance(), w @ second - (w @ means) ** 2)
 
 
+def test_state_dict_round_trip(tmp_path):
+    ms = MultiSWAG(synthetic_guides(), weights=[1.0, 2.0, 3.0])
+    torch.save(ms.state_dict(), tmp_path / "ms.pt")
+    back = MultiSWAG.from_state_dict(linreg, torch.load(tmp_path / "ms.pt", weights_only=True))
+    theta = torch.randn(20, D + 2)
+    torch.testing.assert_close(back.get_posterior().log_prob(theta),
+                               ms.get_posterior().log_prob(theta))
+    assert back.layout == ms.layout
+    out = Predictive(linreg, guide=back, num_samples=5)(torch.randn(4, D))
+    assert out["obs"].shape == (5, 4)
+    with pytest.raises(ValueError, match=r"state_dict lacks \['weights'\]"):
+        MultiSWAG.from_state_dict(linreg, {k: v for k, v in ms.state_dict().items()
+                                           if k != "weights"})
+
+
 def test_sample_chains_draw_each_run():
     guides = synthetic_guides()
     ms = MultiSWAG(guides)
