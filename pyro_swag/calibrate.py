@@ -21,8 +21,9 @@ the constraining transforms):
   the chosen scale maximises the PSIS effective sample size among scales with Pareto
   :math:`\hat k \le 0.7` (the smallest :math:`\hat k` if none qualifies).
 
-Each search evaluates a log-spaced grid, then refines around the best grid point by
-golden-section search in :math:`\log s` (``refine``). With ``apply=True`` (default) the chosen
+Each search evaluates a log-spaced grid (extended by factors of 2 while the best value sits at
+an end of it), then refines around the best grid point by golden-section search in
+:math:`\log s` (``refine``). With ``apply=True`` (default) the chosen
 scale is set on the guide and the result recorded as ``guide.calibration`` (a plain dict,
 saved in the guide's ``state_dict`` and exported to DataTree attributes).
 """
@@ -51,6 +52,7 @@ __all__ = [
 
 METHODS = ("validation", "elbo", "psis")
 KHAT_MAX = 0.7
+SCALE_RANGE = (2.0**-20, 2.0**12)
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
@@ -134,6 +136,9 @@ def _check(guide, scales, num_samples) -> list[float]:
 def _search(objective: Callable[[float], float], scales: list[float], refine: bool, iters: int):
     """Maximise ``objective`` over ``scales``, then golden-section in log s around the best.
 
+    When the best scale is an end of the grid, the grid is extended by factors of 2 (within
+    ``SCALE_RANGE``) until the criterion turns.
+
     Returns the best scale and ``{scale: value}`` of every evaluation.
     """
     values: dict[float, float] = {}
@@ -153,6 +158,15 @@ def _search(objective: Callable[[float], float], scales: list[float], refine: bo
 
     for s in scales:
         f(s)
+    while refine:  # the optimum at an end of the grid: extend it by factors of 2
+        top, low, s = max(values), min(values), best()
+        if s == top and top < SCALE_RANGE[1]:
+            f(top * 2)
+        elif s == low and low > SCALE_RANGE[0]:
+            f(low / 2)
+        else:
+            break
+    scales = sorted(values)
     i = scales.index(best())
     if refine and 0 < i < len(scales) - 1:
         lo, hi = math.log(scales[i - 1]), math.log(scales[i + 1])
@@ -222,7 +236,8 @@ def calibrate_validation(
     num_samples : int
         Posterior draws, shared by all scales.
     refine : bool
-        Golden-section refinement between the best grid point's neighbours.
+        Extend the grid past an end holding the optimum, then golden-section refinement
+        between the best point's neighbours; ``False`` evaluates the grid only.
     refine_iters : int
         Refinement steps.
     apply : bool

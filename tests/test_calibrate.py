@@ -100,6 +100,15 @@ def test_elbo_curve_and_optimum_match_closed_form():
     assert res.scales == sorted(res.scales) and len(res.scales) > len(default_scales())
 
 
+def test_search_extends_the_grid_past_its_end():
+    x, y = data()
+    mean, cov = posterior(x, y)
+    guide = gaussian_guide(x, y, mean, cov / 500)  # optimum near scale 500, grid ends at 16
+    res = calibrate_elbo(model, guide, x, y, num_samples=1000)
+    assert res.scale == pytest.approx(500, rel=0.1)
+    assert max(res.scales) > 500 and res.best() == max(res.curve["elbo"])
+
+
 def test_psis_picks_the_exact_posterior():
     """q at scale 1 equals p (orthogonal design, SWAG-Diag): importance weights are constant."""
     x, y = data(orthogonal=True)
