@@ -252,7 +252,7 @@ def _gap_run(**kw):
     sys.path.insert(0, str(ROOT / "examples"))
     from gap_regression import run
 
-    return run(seed=0, epochs=120, swa_start=60, num_samples=100, **kw)
+    return run(seed=0, epochs=80, swa_start=40, num_samples=60, **kw)
 
 
 def test_gap_regression_in_range_coverage():
