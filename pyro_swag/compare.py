@@ -127,7 +127,7 @@ class CompareConfig:
 def quick_config(**overrides) -> CompareConfig:
     """Tiny settings for smoke runs and tests (every method, seconds instead of minutes)."""
     values = dict(
-        pretrain_steps=300, swa_snapshots=10, rank=5, num_samples=20, multiswag_runs=2,
+        pretrain_steps=300, swa_snapshots=10, rank=5, num_samples=30, multiswag_runs=2,
         svi_steps=300, nuts_warmup=30, nuts_samples=30, nuts_max_tree_depth=5,
         nuts_budget_s=30.0, jit=False,
     )

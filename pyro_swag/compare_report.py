@@ -27,8 +27,9 @@ def _tree_and_loo(model, data, res, num_draws: int):
     draws = max(1, num_draws // chains) if res.mcmc is None else None
     try:
         dt = to_datatree(source, args, kwargs, model=model, num_chains=chains, num_draws=draws)
-        with warnings.catch_warnings():  # high k-hat is reported in the table instead
+        with warnings.catch_warnings():  # a high or undefined k-hat is reported in the table
             warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)
             elpd = loo(dt)
     except (ValueError, RuntimeError, TypeError) as err:
         return None, {"loo_note": f"DataTree/LOO failed: {type(err).__name__}: {err}"}

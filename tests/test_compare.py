@@ -24,10 +24,10 @@ def tiny(**overrides):
     return quick_config(**values)
 
 
-def _small(name="diabetes", n=120):
+def _small(name="diabetes", n=100, n_test=40):
     d = load_dataset(name)
-    return Dataset(d.name, d.likelihood, d.x_train[:n], d.y_train[:n], d.x_test, d.y_test,
-                   d.y_mean, d.y_std, d.num_classes, d.split)
+    return Dataset(d.name, d.likelihood, d.x_train[:n], d.y_train[:n], d.x_test[:n_test],
+                   d.y_test[:n_test], d.y_mean, d.y_std, d.num_classes, d.split)
 
 
 def test_compare_end_to_end_writes_every_output(tmp_path):
