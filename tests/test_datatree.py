@@ -83,7 +83,7 @@ def fitted():
         "swag": to_datatree(swag, args, kwargs, num_chains=1, num_draws=DRAWS),
         "svi": to_datatree(svi_guide, args, kwargs, num_chains=1, num_draws=DRAWS),
     }
-    return {"x": x, "y": y, "mcmc": mcmc, "swag": swag, "dts": dts}
+    return {"x": x, "y": y, "mcmc": mcmc, "swag": swag, "svi": svi_guide, "dts": dts}
 
 
 def test_schema_identical_across_methods(fitted):
@@ -141,6 +141,19 @@ def test_swag_log_q_is_guide_density(fitted):
     expected = swag.get_posterior().log_prob(u).numpy()
     log_q = dt["sample_stats"]["log_q"].values[0]
     np.testing.assert_allclose(log_q, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_autonormal_log_q_is_its_unconstrained_density(fitted):
+    guide, post = fitted["svi"], fitted["dts"]["svi"]["posterior"]
+    expected = 0.0
+    for name in ("w", "b", "sigma"):
+        u = torch.as_tensor(post[name].values[0])
+        u = u.log() if name == "sigma" else u  # biject_to(positive) = exp
+        normal = dist.Normal(getattr(guide.locs, name), getattr(guide.scales, name))
+        lp = normal.log_prob(u.reshape(DRAWS, -1) if name == "w" else u)
+        expected = expected + (lp.sum(-1) if name == "w" else lp)
+    np.testing.assert_allclose(fitted["dts"]["svi"]["sample_stats"]["log_q"].values[0],
+                               expected.detach().numpy(), rtol=1e-4, atol=1e-3)
 
 
 def test_corrected_loo_matches_nuts(fitted):
