@@ -26,6 +26,26 @@ LIKELIHOODS = ("gaussian", "categorical", "bernoulli")
 _ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
 
 
+class _LayerPrior:
+    """``Normal(0, layer.prior_scale)`` over a layer's weight or bias (picklable)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, layer: nn.Linear) -> dist.Distribution:
+        shape = (
+            (layer.out_features, layer.in_features)
+            if self.name == "weight"
+            else (layer.out_features,)
+        )
+        scale = layer.prior_scale
+        return (
+            dist.Normal(torch.zeros((), dtype=scale.dtype, device=scale.device), scale)
+            .expand(shape)
+            .to_event(len(shape))
+        )
+
+
 class BayesianMLP(PyroModule):
     """A fully connected Bayesian network ``in -> hidden... -> out``.
 
@@ -86,14 +106,10 @@ class BayesianMLP(PyroModule):
         for i, layer in enumerate(self.layers):
             self._initial[f"layers.{i}.weight"] = layer.weight.detach().clone()
             self._initial[f"layers.{i}.bias"] = layer.bias.detach().clone()
-            layer.weight = PyroSample(
-                dist.Normal(0.0, prior_scale)
-                .expand([layer.out_features, layer.in_features])
-                .to_event(2)
-            )
-            layer.bias = PyroSample(
-                dist.Normal(0.0, prior_scale).expand([layer.out_features]).to_event(1)
-            )
+            # Prior parameters are buffers, so the priors follow model.to(device/dtype).
+            layer.register_buffer("prior_scale", torch.tensor(float(prior_scale)))
+            layer.weight = PyroSample(_LayerPrior("weight"))
+            layer.bias = PyroSample(_LayerPrior("bias"))
 
     def init_loc_fn(self) -> Callable:
         """Initialiser for autoguides: the network's fan-in init, prior median elsewhere."""
@@ -103,7 +119,7 @@ class BayesianMLP(PyroModule):
             value = initial.get(site["name"])
             if value is None:
                 return init_to_median(site)
-            return value.to(site["fn"].mean.device)
+            return value.to(site["fn"].mean)  # device and dtype of the prior
 
         return init
 
