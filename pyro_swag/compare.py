@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyro
@@ -107,7 +107,6 @@ class CompareConfig:
     calibration: str = "elbo"
     methods: tuple[str, ...] = METHODS
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -141,9 +140,14 @@ def make_model(data: Dataset, hidden: Sequence[int] = (50,), seed: int = 0) -> B
     return BayesianMLP(data.in_features, data.out_features, tuple(hidden), data.likelihood)
 
 
+_OUTPUTS = ("results.json", "report.md", "predictive.png", "calibration.png", "forest.png",
+            *(f"{m}.nc" for m in METHODS))
+
+
 def _move_into(tmp: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").unlink(missing_ok=True)  # the completion marker goes last
+    for name in _OUTPUTS:  # a previous report's files go (its completion marker first)
+        (out / name).unlink(missing_ok=True)
     for item in sorted(tmp.iterdir(), key=lambda p: p.name == "results.json"):
         target = out / item.name
         if target.is_dir():

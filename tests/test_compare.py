@@ -44,17 +44,25 @@ def test_compare_end_to_end_writes_every_output(tmp_path):
         for key in ("test_ll", "rmse", "coverage_90", "coverage_95", "wall_s"):
             assert math.isfinite(row[key]), (name, key)
         assert 0 <= row["coverage_90"] <= row["coverage_95"] <= 1
-    for name in ("swag", "svi_normal", "nuts"):
+    for name in ("swag", "svi_normal"):  # corrected PSIS-LOO on the training data
         row = results["methods"][name]
-        assert "loo_elpd" in row or "loo_note" in row
+        assert math.isfinite(row["loo_elpd"]) and row["loo_se"] > 0, row
+        assert math.isfinite(row["loo_max_k"])
     # SWAG draws spread: more draws than one and a different test LL from its own mean (SWA)
     assert results["methods"]["swag"]["num_draws"] == 30
     assert results["methods"]["swag"]["test_ll"] != results["methods"]["swa"]["test_ll"]
     assert "vs_nuts" in results["methods"]["swag"]
     assert results["methods"]["nuts"].get("vs_nuts") is None
     assert summary["methods"]["swag"]["test_ll"] == results["methods"]["swag"]["test_ll"]
+    first = (out / "report.md").read_text()
+    assert "| SWAG |" in first and "Agreement with NUTS" in first
+    # a second run into the same directory replaces the report, leaving no stale method files
+    (out / "nuts.nc").write_text("stale")
+    compare(_small(), out, config=tiny(methods=("map",)), quiet=True)
+    assert not (out / "nuts.nc").exists()
+    assert list(json.loads((out / "results.json").read_text())["methods"]) == ["map"]
     text = (out / "report.md").read_text()
-    assert "| SWAG |" in text and "Agreement with NUTS" in text
+    assert "| SGD/MAP |" in text and "| SWAG |" not in text
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report.partial")]
 
 
