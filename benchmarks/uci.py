@@ -97,7 +97,8 @@ def save_cache(path: Path, cache: dict) -> None:
 
 
 def run_split(name: str, split: int, methods: list[str], args, cache: dict) -> None:
-    todo = [m for m in methods if f"{name}/{split}/{m}" not in cache]
+    todo = [m for m in methods
+            if cache.get(f"{name}/{split}/{m}", {}).get("status") not in ("ok", "skipped")]
     if name not in SMALL:
         todo = [m for m in todo if m != "nuts"]
     if not todo:

@@ -59,6 +59,9 @@ class CompareConfig:
     swa_c : float
         SWA learning rate per datum is ``swa_c / tau_hat`` (``tau_hat`` the learned noise
         precision after pre-training; 1 for classification).
+    swa_retries : int
+        When the SWA phase diverges, restart it from the MAP with a 3x smaller rate, at most
+        this many times (then the method is reported as failed).
     swa_snapshots : int
         Snapshots collected in the SWA phase (one per epoch, or per ``max_collect_every``
         steps when epochs are longer).
@@ -94,6 +97,7 @@ class CompareConfig:
     jit: bool = True
     swa_c: float = 0.1
     swa_snapshots: int = 50
+    swa_retries: int = 2
     max_collect_every: int = 50
     rank: int = 20
     num_samples: int = 100

@@ -160,16 +160,35 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
         every_steps = config.max_collect_every
         epochs, every = math.ceil(config.swa_snapshots * every_steps / per_epoch), 1
     start = time.perf_counter()
-    guide, history = fit(
-        model, collector, (x, y), epochs=epochs, swa_start=0, swa_lr=lr, batch_size=batch,
-        collect_every=every, collect_every_steps=every_steps, quiet=True if quiet else None,
-    )
-    if guide is None or not torch.isfinite(guide.loc).all():
-        raise RuntimeError(f"{desc}: the SWA phase diverged (swa_lr={lr:.3g}); lower swa_c")
+    map_loc, retries = collector.loc.detach().clone(), 0
+    while True:
+        try:
+            guide, _ = fit(
+                model, collector, (x, y), epochs=epochs, swa_start=0, swa_lr=lr,
+                batch_size=batch, collect_every=every, collect_every_steps=every_steps,
+                quiet=True if quiet else None,
+            )
+            if guide is not None and torch.isfinite(guide.loc).all():
+                break
+            err = RuntimeError("non-finite SWA mean")
+        except (ValueError, RuntimeError) as caught:  # e.g. the noise scale reached 0
+            err = caught
+        if retries == config.swa_retries:
+            raise RuntimeError(
+                f"{desc}: the SWA phase diverged at swa_lr={lr:.3g} after {retries} "
+                f"retries ({type(err).__name__}: {str(err)[:200]}); lower swa_c"
+            ) from err
+        # Unstable SGD (lr times the curvature ~ tau_hat too large): restart from the MAP
+        # with a 3x smaller rate and fresh moments.
+        retries, lr = retries + 1, lr / 3
+        old = collector.moments
+        collector.moments = type(old)(old.rank, old.min_var, old.deviation_dtype, old.device)
+        with torch.no_grad():
+            collector.loc.copy_(map_loc)
     return {
         "collector": collector, "guide": guide, "map": map_values, "tau_hat": tau,
-        "swa_lr": lr, "pretrain_s": pretrain_s, "swa_s": time.perf_counter() - start,
-        "snapshots": collector.num_snapshots,
+        "swa_lr": lr, "swa_retries": retries, "pretrain_s": pretrain_s,
+        "swa_s": time.perf_counter() - start, "snapshots": collector.num_snapshots,
     }
 
 
@@ -182,7 +201,7 @@ def _swag_run(ctx) -> dict:
 
 
 def _info(run: dict) -> dict:
-    return {k: run[k] for k in ("tau_hat", "swa_lr", "snapshots")}
+    return {k: run[k] for k in ("tau_hat", "swa_lr", "swa_retries", "snapshots")}
 
 
 def _map(ctx) -> MethodResult:

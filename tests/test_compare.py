@@ -174,3 +174,11 @@ def test_example_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "SWAG: test LL" in proc.stdout
     assert (tmp_path / "ex" / "results.json").is_file()
+
+
+def test_diverging_swa_phase_is_retried_then_reported_failed():
+    res = compare(_small(), None, config=tiny(methods=("swag",), swa_c=1e6, swa_retries=1),
+                  quiet=True)
+    row = res["methods"]["swag"]
+    assert row["status"] == "failed"
+    assert "diverged" in row["note"] and "after 1 retries" in row["note"]
