@@ -72,7 +72,7 @@ def main() -> None:
     pyro.set_rng_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.smoke:
-        n, draws, warmup, epochs = 60, 100, 100, (15, 20)
+        n, draws, warmup, epochs = 60, 100, 60, (25, 20)
     else:
         n, draws, warmup, epochs = 200, 1000, 500, (40, 60)
     x = torch.randn(n, D)
@@ -91,7 +91,7 @@ def main() -> None:
     pyro.clear_param_store()
     svi_guide = AutoNormal(model)
     svi = SVI(model, svi_guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
-    for _ in range(300 if args.smoke else 2000):
+    for _ in range(150 if args.smoke else 2000):
         svi.step(x, y)
     t_svi = time.time() - t0
 

@@ -89,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    n, epochs, draws = (60, (40, 20), 100) if args.smoke else (200, (60, 50), 500)
+    n, epochs, draws = (40, (30, 15), 50) if args.smoke else (200, (60, 50), 500)
     trees, guides = {}, {}
     for name, lr in (("linear", 0.2 / n), ("squared", 0.01 / n)):
         t0 = time.time()
