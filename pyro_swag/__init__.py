@@ -25,6 +25,7 @@ _LAZY = {
     "to_datatree": "datatree",
     "loo": "datatree",
     "psis_diagnostic": "datatree",
+    "RecordingNUTS": "datatree",
     "suggest_swa_lr": "lr",
     "DistributedSWAG": "distributed",
     "load_dataset": "data",
