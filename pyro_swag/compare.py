@@ -59,6 +59,10 @@ class CompareConfig:
     swa_c : float
         SWA learning rate per datum is ``swa_c / tau_hat`` (``tau_hat`` the learned noise
         precision after pre-training; 1 for classification).
+    swa_stability : float or None
+        Cap the SWA rate at ``swa_stability * 2 (1 + 0.9) / lambda_max`` (``lambda_max``: the
+        largest eigenvalue of the per-datum loss Hessian at the MAP, by power iteration), a
+        fraction of SGD-with-momentum's stability limit. ``None``: no cap.
     swa_retries : int
         When the SWA phase diverges, restart it from the MAP with a 3x smaller rate, at most
         this many times (then the method is reported as failed).
@@ -98,6 +102,7 @@ class CompareConfig:
     swa_c: float = 0.1
     swa_snapshots: int = 50
     swa_retries: int = 2
+    swa_stability: float | None = 0.5
     max_collect_every: int = 50
     rank: int = 20
     num_samples: int = 100

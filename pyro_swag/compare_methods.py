@@ -73,6 +73,23 @@ def _elbo(config):
     return Trace_ELBO()
 
 
+def _curvature(model, collector, x, y, batch: int) -> float | None:
+    """Largest eigenvalue of the per-datum loss Hessian at the current point (power iteration
+    on Hessian-vector products, :func:`pyro_swag.lr.gradient_noise`)."""
+    from .lr import gradient_noise
+
+    n = x.shape[0]
+    gen = torch.Generator().manual_seed(0)  # leaves the global RNG (and so the run) untouched
+    perm = torch.randperm(n, generator=gen)
+    batches = [(x[perm[i : i + batch]], y[perm[i : i + batch]])
+               for i in range(0, min(n, 8 * batch) - batch + 1, batch)]
+    with torch.random.fork_rng():  # the power iteration's random start stays out of the run
+        stats = gradient_noise(model, collector, batches, num_data=n, max_batches=8,
+                               curvature_iters=10)
+    lam = stats.max_curvature
+    return float(lam) / n if lam and math.isfinite(lam) and lam > 0 else None
+
+
 def _holdout(n: int, fraction: float, seed: int):
     """Indices of the pre-training part and of the held-out part (None when fraction=0)."""
     if fraction <= 0 or n < 20:
@@ -153,6 +170,11 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
     pretrain_s = time.perf_counter() - start
     tau = _precision(model, map_values)
     lr = config.swa_c / tau
+    lr_uncapped, curvature = lr, None
+    if config.swa_stability is not None:  # keep SGD inside its stable range
+        curvature = _curvature(model, collector, x, y, batch)
+        if curvature:
+            lr = min(lr, config.swa_stability * 2 * (1 + 0.9) / curvature)
     per_epoch = math.ceil(n / batch)
     if per_epoch <= config.max_collect_every:
         epochs, every, every_steps = config.swa_snapshots, 1, None
@@ -187,7 +209,8 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
             collector.loc.copy_(map_loc)
     return {
         "collector": collector, "guide": guide, "map": map_values, "tau_hat": tau,
-        "swa_lr": lr, "swa_retries": retries, "pretrain_s": pretrain_s,
+        "swa_lr": lr, "swa_lr_uncapped": lr_uncapped, "curvature": curvature,
+        "swa_retries": retries, "pretrain_s": pretrain_s,
         "swa_s": time.perf_counter() - start, "snapshots": collector.num_snapshots,
     }
 
@@ -201,7 +224,8 @@ def _swag_run(ctx) -> dict:
 
 
 def _info(run: dict) -> dict:
-    return {k: run[k] for k in ("tau_hat", "swa_lr", "swa_retries", "snapshots")}
+    keys = ("tau_hat", "swa_lr", "swa_lr_uncapped", "curvature", "swa_retries", "snapshots")
+    return {k: run[k] for k in keys if run[k] is not None}
 
 
 def _map(ctx) -> MethodResult:
