@@ -9,7 +9,7 @@ import torch
 
 import pyro_swag.compare_report as compare_report
 from pyro_swag.cli import main
-from pyro_swag.compare import METHODS, compare, quick_config
+from pyro_swag.compare import METHODS, compare, make_model, quick_config
 from pyro_swag.compare_metrics import _ece, _set_coverage, agreement, scores
 from pyro_swag.data import Dataset, load_dataset
 
@@ -182,3 +182,18 @@ def test_diverging_swa_phase_is_retried_then_reported_failed():
     row = res["methods"]["swag"]
     assert row["status"] == "failed"
     assert "diverged" in row["note"] and "after 1 retries" in row["note"]
+
+
+def test_swa_rate_is_capped_by_the_curvature():
+    from pyro_swag.compare_methods import run_method
+
+    data = _small()
+    model = make_model(data)
+    loose = run_method("swag", model, None, data, tiny(swa_stability=None), {}, quiet=True)
+    assert "curvature" not in loose.extra
+    assert loose.extra["swa_lr"] == loose.extra["swa_lr_uncapped"]
+    capped = run_method("swag", model, None, data, tiny(swa_stability=1e-4), {}, quiet=True)
+    curvature = capped.extra["curvature"]
+    assert curvature > 0
+    assert capped.extra["swa_lr"] == pytest.approx(1e-4 * 2 * 1.9 / curvature)
+    assert capped.extra["swa_lr"] < capped.extra["swa_lr_uncapped"]
