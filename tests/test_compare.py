@@ -177,7 +177,8 @@ def test_example_smoke(tmp_path):
 
 
 def test_diverging_swa_phase_is_retried_then_reported_failed():
-    res = compare(_small(), None, config=tiny(methods=("swag",), swa_c=1e6, swa_retries=1),
+    res = compare(_small(), None, config=tiny(methods=("swag",), swa_c=1e6, swa_retries=1,
+                                               swa_stability=None),
                   quiet=True)
     row = res["methods"]["swag"]
     assert row["status"] == "failed"
