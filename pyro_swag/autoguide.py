@@ -33,7 +33,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 
 from .moments import SWAGMoments
 
-__all__ = ["SWAGCollector", "SWAGGuide"]
+__all__ = ["FittedContinuous", "SWAGCollector", "SWAGGuide"]
 
 
 def _layout(guide: AutoContinuous) -> list[tuple[str, tuple[int, ...]]]:
@@ -183,7 +183,33 @@ class SWAGCollector(AutoLaplaceApproximation):
         return super().load_state_dict(rest, strict=False, assign=assign)
 
 
-class SWAGGuide(AutoContinuous):
+class FittedContinuous(AutoContinuous):
+    """Base of guides fitted elsewhere whose latent layout is known (``self.layout``).
+
+    Sites outside the layout (observed sites called with ``obs=None``, as in
+    ``Predictive(model, guide)(x)``) are not latents of the guide, and a model whose latent
+    sites differ from the layout is refused. Setting up never shifts the random stream.
+    """
+
+    layout: list | None = None
+
+    def _prototype_hide_fn(self, msg: dict) -> bool:
+        names = {name for name, _ in self.layout or ()}
+        return prototype_hide_fn(msg) or bool(names and msg["name"] not in names)
+
+    def _setup_prototype(self, *args, **kwargs) -> None:
+        with torch.random.fork_rng():
+            super()._setup_prototype(*args, **kwargs)
+        if self.layout is not None:
+            _check_layout(self.layout, _layout(self), "the fitted guide")
+        if self.latent_dim != self.loc.shape[-1]:
+            raise ValueError(
+                f"the model has {self.latent_dim} unconstrained latent entries but the guide "
+                f"was fitted on {self.loc.shape[-1]}; use the model it was fitted on"
+            )
+
+
+class SWAGGuide(FittedContinuous):
     """The SWAG Gaussian over the model's unconstrained latent vector.
 
     Usually made by :meth:`SWAGCollector.swag_guide`; usable anywhere an autoguide is,
@@ -247,23 +273,6 @@ class SWAGGuide(AutoContinuous):
     def rank(self) -> int:
         """Number of deviations held, ``K'``."""
         return self.deviations.shape[0]
-
-    def _prototype_hide_fn(self, msg: dict) -> bool:
-        # With a known layout, sites outside it (observed sites called with obs=None,
-        # as in Predictive(model, guide)(x)) are not latents of this guide.
-        names = {name for name, _ in self.layout or ()}
-        return prototype_hide_fn(msg) or bool(names and msg["name"] not in names)
-
-    def _setup_prototype(self, *args, **kwargs) -> None:
-        with torch.random.fork_rng():  # setting up must not shift the user's random stream
-            super()._setup_prototype(*args, **kwargs)
-        if self.layout is not None:
-            _check_layout(self.layout, _layout(self), "SWAG guide")
-        if self.latent_dim != self.loc.numel():
-            raise ValueError(
-                f"the model has {self.latent_dim} unconstrained latent entries but the guide "
-                f"was fitted on {self.loc.numel()}; use the model it was fitted on"
-            )
 
     def cov_factor(self) -> torch.Tensor:
         r"""Low-rank factor :math:`W = D \sqrt{s / (2 \max(K'-1, 1))}`, shape (P, K')."""

@@ -20,10 +20,41 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
-__all__ = ["BayesianMLP", "LIKELIHOODS"]
+__all__ = ["BayesianMLP", "LIKELIHOODS", "observe"]
 
 LIKELIHOODS = ("gaussian", "categorical", "bernoulli")
 _ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
+
+
+def observe(
+    out: torch.Tensor,
+    y: torch.Tensor | None,
+    likelihood: str = "gaussian",
+    noise: float | None = None,
+    noise_prior: tuple[float, float] = (1.0, 0.01),
+    num_data: int | None = None,
+) -> None:
+    """The likelihood of network outputs ``out`` (B, out_features): site ``"obs"``.
+
+    Gaussian with fixed ``noise`` sd or a learned precision ``"precision" ~
+    Gamma(*noise_prior)``, Bernoulli or categorical on logits; in the plate ``"data"`` of full
+    size ``num_data`` (default B), so a minibatch is scaled by ``num_data / B``.
+    """
+    if likelihood == "gaussian":
+        if noise is None:
+            c, r = noise_prior
+            tau = pyro.sample("precision", dist.Gamma(out.new_tensor(c), out.new_tensor(r)))
+            sigma = tau.rsqrt()
+        else:
+            sigma = out.new_tensor(noise)
+        obs = dist.Normal(out.squeeze(-1), sigma)
+    elif likelihood == "bernoulli":
+        obs = dist.Bernoulli(logits=out.squeeze(-1))
+    else:
+        obs = dist.Categorical(logits=out)
+    index = torch.arange(out.shape[0], device=out.device)
+    with pyro.plate("data", size=num_data or out.shape[0], subsample=index):
+        pyro.sample("obs", obs, obs=y)
 
 
 class _LayerPrior:
@@ -134,21 +165,5 @@ class BayesianMLP(PyroModule):
         self, x: torch.Tensor, y: torch.Tensor | None = None, num_data: int | None = None
     ) -> torch.Tensor:
         out = self.net(x)
-        batch = x.shape[0]
-        if self.likelihood == "gaussian":
-            if self.noise is None:
-                c, r = self.noise_prior
-                tau = pyro.sample("precision", dist.Gamma(x.new_tensor(c), x.new_tensor(r)))
-                sigma = tau.rsqrt()
-            else:
-                sigma = x.new_tensor(self.noise)
-            mean = out.squeeze(-1)
-            obs = dist.Normal(mean, sigma)
-        elif self.likelihood == "bernoulli":
-            obs = dist.Bernoulli(logits=out.squeeze(-1))
-        else:
-            obs = dist.Categorical(logits=out)
-        index = torch.arange(batch, device=x.device)
-        with pyro.plate("data", size=num_data or batch, subsample=index):
-            pyro.sample("obs", obs, obs=y)
+        observe(out, y, self.likelihood, self.noise, self.noise_prior, num_data)
         return out

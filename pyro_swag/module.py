@@ -29,6 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import update_bn
 
 from .autoguide import SWAGGuide
+from .models import observe
 from .moments import SWAGMoments
 
 __all__ = ["ModuleSWAG"]
@@ -338,19 +339,5 @@ class _NetModel:
             params[name] = pyro.sample(name, prior.to_event(len(shape)))
         buffers = self.buffers if self.bn_loader is None else self._refreshed_buffers(params)
         out = functional_call(self.net, {**params, **buffers}, (x,))
-        if self.likelihood == "gaussian":
-            if self.noise is None:
-                c, r = self.noise_prior
-                tau = pyro.sample("precision", dist.Gamma(x.new_tensor(c), x.new_tensor(r)))
-                sigma = tau.rsqrt()
-            else:
-                sigma = x.new_tensor(self.noise)
-            obs = dist.Normal(out.reshape(out.shape[:1]), sigma)
-        elif self.likelihood == "bernoulli":
-            obs = dist.Bernoulli(logits=out.reshape(out.shape[:1]))
-        else:
-            obs = dist.Categorical(logits=out)
-        index = torch.arange(x.shape[0], device=x.device)
-        with pyro.plate("data", size=num_data or x.shape[0], subsample=index):
-            pyro.sample("obs", obs, obs=y)
+        observe(out, y, self.likelihood, self.noise, self.noise_prior, num_data)
         return out

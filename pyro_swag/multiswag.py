@@ -24,11 +24,9 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer.autoguide import AutoContinuous
-from pyro.infer.autoguide.guides import prototype_hide_fn
 from tqdm.auto import tqdm
 
-from .autoguide import SWAGGuide
+from .autoguide import FittedContinuous, SWAGGuide
 
 __all__ = ["MultiSWAG", "fit_runs"]
 
@@ -42,7 +40,7 @@ def _component_parts(guide: SWAGGuide) -> tuple[torch.Tensor, torch.Tensor, torc
     return loc, factor.to(loc.dtype), guide.scale * guide.variance / 2
 
 
-class MultiSWAG(AutoContinuous):
+class MultiSWAG(FittedContinuous):
     """Mixture of SWAG Gaussians, one component per independent run.
 
     Parameters
@@ -82,9 +80,11 @@ class MultiSWAG(AutoContinuous):
                     f"guides[{i}] has {g.loc.numel()} latent entries but guides[0] has {size}; "
                     "all runs must come from the same model"
                 )
-            if g.layout and first.layout and [tuple(s) for s in g.layout] != [
-                tuple(s) for s in first.layout
-            ]:
+            if (
+                g.layout
+                and first.layout
+                and [tuple(s) for s in g.layout] != [tuple(s) for s in first.layout]
+            ):
                 raise ValueError(
                     f"guides[{i}] has latent layout {g.layout} but guides[0] has "
                     f"{first.layout}; all runs must come from the same model"
@@ -117,26 +117,6 @@ class MultiSWAG(AutoContinuous):
     def num_runs(self) -> int:
         """Number of mixture components ``R``."""
         return self.loc.shape[0]
-
-    # ------------------------------------------------------------- AutoContinuous
-    def _prototype_hide_fn(self, msg: dict) -> bool:
-        names = {name for name, _ in self.layout or ()}
-        return prototype_hide_fn(msg) or bool(names and msg["name"] not in names)
-
-    def _setup_prototype(self, *args, **kwargs) -> None:
-        with torch.random.fork_rng():  # setting up must not shift the user's random stream
-            super()._setup_prototype(*args, **kwargs)
-        found = [(n, tuple(s)) for n, s in self._unconstrained_shapes.items()]
-        if self.layout is not None and [(n, tuple(s)) for n, s in self.layout] != found:
-            raise ValueError(
-                f"the model's latent structure changed: the runs have sites {self.layout} "
-                f"but the model now has {found}; use the model they were fitted on"
-            )
-        if self.latent_dim != self.loc.shape[-1]:
-            raise ValueError(
-                f"the model has {self.latent_dim} unconstrained latent entries but the runs "
-                f"were fitted on {self.loc.shape[-1]}; use the model they were fitted on"
-            )
 
     def components(self) -> dist.LowRankMultivariateNormal:
         """The R run Gaussians as one batched distribution, batch shape ``(R,)``."""
@@ -182,7 +162,7 @@ class MultiSWAG(AutoContinuous):
                 f"state_dict lacks {missing}; pass the output of MultiSWAG.state_dict()"
             )
         guide = cls.__new__(cls)
-        AutoContinuous.__init__(guide, model)
+        FittedContinuous.__init__(guide, model)
         for name in names:
             guide.register_buffer(name, state_dict[name].clone())
         layout = state_dict.get("_extra_state", {}).get("layout")
