@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ._minibatch import _accepts, _as_args, _batches, _check_scaling, _TensorBatches
 from .autoguide import SWAGCollector, SWAGGuide
+from .lr import suggest_swa_lr
 
 __all__ = ["FitResult", "fit"]
 
@@ -359,13 +360,6 @@ def _step_scheduler(optim, loss: float) -> None:
 
 
 def _auto_lr(model, collector, batches, n, momentum: float) -> float:
-    try:
-        from .lr import suggest_swa_lr
-    except ImportError as err:  # pragma: no cover - depends on the optional module
-        raise RuntimeError(
-            "swa_lr='auto' needs pyro_swag.lr.suggest_swa_lr, which is not available; "
-            "pass a number, e.g. swa_lr=0.01"
-        ) from err
     batches = [_as_args(b) for b in batches]
     lr = float(
         suggest_swa_lr(model, collector, batches, num_data=n, momentum=momentum, per_datum=True)
