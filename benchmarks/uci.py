@@ -298,6 +298,8 @@ def main(argv=None) -> int:
     parser.add_argument("--snapshots", type=int, default=30)
     parser.add_argument("--multiswag-runs", type=int, default=2)
     parser.add_argument("--nuts-budget", type=float, default=300.0)
+    parser.add_argument("--start-split", type=int, default=0,
+                        help="first split to run (to extend a finished run in a new cache file)")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
@@ -307,7 +309,7 @@ def main(argv=None) -> int:
         cache = load_all(args.cache)
     else:
         limits = {s: min(args.splits, uci_num_splits(s, args.data_dir)) for s in args.sets}
-        for split in range(max(limits.values())):
+        for split in range(args.start_split, max(limits.values())):
             for name in args.sets:
                 if split < limits[name]:
                     run_split(name, split, args.methods, args, cache)
