@@ -25,6 +25,7 @@ for leaving out point :math:`i` are :math:`p(\theta)\,/\,(q(\theta)\,p(y_i \mid 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,6 +45,18 @@ __all__ = [
     "RecordingNUTS", "compare", "loo", "loo_pit", "plot_forest", "plot_loo_pit", "plot_ppc",
     "psis_diagnostic", "to_datatree",
 ]
+
+
+def _scale_attrs(source: Any) -> dict[str, Any]:
+    """SWAG's covariance scale and, when calibrated, how it was chosen (flat, netCDF-safe)."""
+    if not hasattr(source, "scale") or not hasattr(source, "calibration"):
+        return {}
+    attrs = {"swag_scale": float(source.scale)}
+    record = source.calibration
+    if record:
+        attrs["calibration_method"] = str(record.get("method"))
+        attrs["calibration"] = json.dumps(record, default=float)
+    return attrs
 
 
 def to_datatree(
@@ -134,7 +147,7 @@ def to_datatree(
         "sample_stats": stats,
     }
     attrs = {"/": {"inference_library": "pyro", "inference_library_version": pyro.__version__,
-                   "method": col.method}}
+                   "method": col.method} | _scale_attrs(source)}
     return arviz_base.from_dict(data, dims=var_dims, coords=dict(coords or {}), attrs=attrs)
 
 

@@ -195,6 +195,24 @@ def test_calibration_is_saved_with_the_guide(tmp_path):
     assert isinstance(res, Calibration)
 
 
+def test_calibration_is_exported_to_datatree_attrs(tmp_path):
+    import json
+
+    import xarray as xr
+
+    from pyro_swag.datatree import to_datatree
+
+    x, y = data()
+    mean, cov = posterior(x, y)
+    guide = gaussian_guide(x, y, mean, 2 * cov)
+    res = calibrate(model, guide, x, y, method="elbo", num_samples=50, scales=[0.25, 0.5, 1.0])
+    dt = to_datatree(guide, (x,), {"y": y}, num_draws=10)
+    dt.to_netcdf(tmp_path / "g.nc", engine="h5netcdf")
+    attrs = xr.open_datatree(tmp_path / "g.nc", engine="h5netcdf").attrs
+    assert attrs["swag_scale"] == res.scale and attrs["calibration_method"] == "elbo"
+    assert json.loads(attrs["calibration"])["scales"] == res.scales
+
+
 def test_errors():
     x, y = data()
     mean, cov = posterior(x, y)
