@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from pyro.infer import MCMC, SVI, Trace_ELBO  # noqa: E402
 from pyro.infer.autoguide import AutoNormal  # noqa: E402
 
-from pyro_swag import SWAGCollector  # noqa: E402
+from pyro_swag import SWAGCollector
 from pyro_swag.datatree import (  # noqa: E402
     RecordingNUTS,
     compare,
@@ -34,6 +34,7 @@ from pyro_swag.datatree import (  # noqa: E402
     psis_diagnostic,
     to_datatree,
 )
+from pyro_swag.train import fit  # noqa: E402
 
 D = 3
 
@@ -49,17 +50,11 @@ def model(x, y=None, num_data=None):
 def fit_swag(x, y, lr, epochs, batch):
     """Adam to the mode, then constant-lr SGD with one SWAG snapshot per epoch."""
     collector = SWAGCollector(model, rank=10)
-    n = x.shape[0]
-    for phase, optim in enumerate([pyro.optim.Adam({"lr": 0.05}), pyro.optim.SGD({"lr": lr})]):
-        svi = SVI(model, collector, optim, Trace_ELBO())
-        for _ in range(epochs[phase]):
-            perm = torch.randperm(n)
-            for i in range(0, n, batch):
-                idx = perm[i : i + batch]
-                svi.step(x[idx], y[idx], num_data=n)
-            if phase:
-                collector.collect()
-    return collector.swag_guide()
+    # pyro_swag.fit's learning rate is per datum: lr on the summed loss is lr * N there.
+    guide, _ = fit(model, collector, (x, y), epochs=sum(epochs), swa_start=epochs[0],
+                   swa_lr=lr * x.shape[0], swa_momentum=0.0, batch_size=batch,
+                   optim=pyro.optim.Adam({"lr": 0.05}), quiet=True)
+    return guide
 
 
 def main() -> None:

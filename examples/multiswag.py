@@ -25,12 +25,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
-from pyro.infer import SVI, Predictive, Trace_ELBO  # noqa: E402
+from pyro.infer import Predictive  # noqa: E402
 from pyro.infer.autoguide.initialization import init_to_value  # noqa: E402
 
 from pyro_swag import SWAGCollector  # noqa: E402
 from pyro_swag.datatree import plot_forest, to_datatree  # noqa: E402
 from pyro_swag.multiswag import fit_runs  # noqa: E402
+from pyro_swag.train import fit  # noqa: E402
 
 D = 3
 STARTS = {"linear": (-2.0, -1.0, 1.0, 2.0), "squared": (1.0, -1.0, 1.0, -1.0)}
@@ -69,16 +70,11 @@ def fit_run(seed, name, n, epochs, lr):
     init = {"w": torch.full((D,), start) if name == "linear" else torch.tensor(start)}
     collector = SWAGCollector(model, rank=10, init_loc_fn=init_to_value(values=init))
     batch = max(n // 4, 10)
-    for phase, optim in enumerate([pyro.optim.Adam({"lr": 0.05}), pyro.optim.SGD({"lr": lr})]):
-        svi = SVI(model, collector, optim, Trace_ELBO())
-        for _ in range(epochs[phase]):
-            perm = torch.randperm(n)
-            for i in range(0, n, batch):
-                idx = perm[i : i + batch]
-                svi.step(x[idx], y[idx], num_data=n)
-            if phase:
-                collector.collect()
-    return collector.swag_guide()
+    # pyro_swag.fit's learning rate is per datum: lr on the summed loss is lr * N there.
+    guide, _ = fit(model, collector, (x, y), epochs=sum(epochs), swa_start=epochs[0],
+                   swa_lr=lr * x.shape[0], swa_momentum=0.0, batch_size=batch,
+                   optim=pyro.optim.Adam({"lr": 0.05}), quiet=True)
+    return guide
 
 
 def main() -> None:

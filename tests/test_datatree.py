@@ -34,6 +34,7 @@ from pyro_swag.datatree import (  # noqa: E402
     to_datatree,
 )
 from pyro_swag.models import BayesianMLP  # noqa: E402
+from pyro_swag.train import fit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N, D, DRAWS = 100, 3, 200
@@ -51,17 +52,11 @@ def linreg(x, y=None, num_data=None):
 def fit_swag(model, x, y, lr=2e-3, epochs=(25, 40), batch=25, **kw):
     """Adam to the mode, then constant-lr SGD collecting one snapshot per epoch."""
     col = SWAGCollector(model, rank=10, **kw)
-    n = x.shape[0]
-    for phase, optim in enumerate([pyro.optim.Adam({"lr": 0.05}), pyro.optim.SGD({"lr": lr})]):
-        svi = SVI(model, col, optim, Trace_ELBO())
-        for _ in range(epochs[phase]):
-            perm = torch.randperm(n)
-            for i in range(0, n, batch):
-                idx = perm[i : i + batch]
-                svi.step(x[idx], y[idx], num_data=n)
-            if phase:
-                col.collect()
-    return col.swag_guide()
+    # pyro_swag.fit's learning rate is per datum: lr on the summed loss is lr * N there.
+    guide, _ = fit(model, col, (x, y), epochs=sum(epochs), swa_start=epochs[0],
+                   swa_lr=lr * x.shape[0], swa_momentum=0.0, batch_size=batch,
+                   optim=pyro.optim.Adam({"lr": 0.05}), quiet=True)
+    return guide
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,13 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer import Predictive
 from pyro.infer.autoguide.initialization import init_to_value
 
 from pyro_swag import SWAGCollector, SWAGGuide
 from pyro_swag.datatree import to_datatree
 from pyro_swag.multiswag import MultiSWAG, fit_runs
+from pyro_swag.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 N, D = 100, 3
@@ -39,17 +40,11 @@ def squared(x, y=None, num_data=None):
 def fit_swag(model, x, y, init, lr=2e-3, epochs=(25, 40), batch=25):
     """Adam to a mode, then constant-lr SGD collecting one snapshot per epoch."""
     col = SWAGCollector(model, rank=10, init_loc_fn=init)
-    n = x.shape[0]
-    for phase, optim in enumerate([pyro.optim.Adam({"lr": 0.05}), pyro.optim.SGD({"lr": lr})]):
-        svi = SVI(model, col, optim, Trace_ELBO())
-        for _ in range(epochs[phase]):
-            perm = torch.randperm(n)
-            for i in range(0, n, batch):
-                idx = perm[i : i + batch]
-                svi.step(x[idx], y[idx], num_data=n)
-            if phase:
-                col.collect()
-    return col.swag_guide()
+    # pyro_swag.fit's learning rate is per datum: lr on the summed loss is lr * N there.
+    guide, _ = fit(model, col, (x, y), epochs=sum(epochs), swa_start=epochs[0],
+                   swa_lr=lr * x.shape[0], swa_momentum=0.0, batch_size=batch,
+                   optim=pyro.optim.Adam({"lr": 0.05}), quiet=True)
+    return guide
 
 
 def synthetic_guides(ranks=(2, 4), diagonal=(False, True, False)):
