@@ -31,12 +31,19 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
-from torch.optim.swa_utils import SWALR
 from tqdm.auto import tqdm
 
 from ._minibatch import _accepts, _as_args, _batches, _check_scaling, _TensorBatches
 from .autoguide import SWAGCollector, SWAGGuide
 from .lr import suggest_swa_lr
+from .precondition import (
+    Preconditioner,
+    _check_kind,
+    estimate_preconditioner,
+    loc_name,
+    preconditioned_lr,
+    swa_optimizer,
+)
 
 __all__ = ["FitResult", "fit"]
 
@@ -125,6 +132,7 @@ def fit(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
     resume: bool = False,
+    precondition: str | Preconditioner | None = None,
 ) -> FitResult:
     """Train ``collector`` on ``data`` with the SWAG recipe and return the SWAG posterior.
 
@@ -145,7 +153,8 @@ def fit(
         Total epochs; first epoch of the SWA phase (``0 <= swa_start < epochs``).
     swa_lr : float or "auto"
         Per-datum SGD learning rate of the SWA phase; ``"auto"`` asks
-        :func:`pyro_swag.lr.suggest_swa_lr` at ``swa_start``.
+        :func:`pyro_swag.lr.suggest_swa_lr` at ``swa_start`` (with ``precondition``:
+        :func:`pyro_swag.precondition.preconditioned_lr`, about ``2 B (1 - swa_momentum) / N``).
     batch_size : int, optional
         Minibatch size for tensor data (default ``min(N, 128)``).
     optim : pyro.optim.PyroOptim, optional
@@ -177,6 +186,12 @@ def fit(
         ``torch.load(path, weights_only=True)``).
     resume : bool
         Continue from ``checkpoint`` when the file exists (same arguments required).
+    precondition : {None, "diag", "full"} or Preconditioner
+        SWA-phase steps :math:`\\theta \\leftarrow \\theta - \\epsilon P \\hat g` with
+        :math:`P^{-1}` the per-datum curvature (empirical Fisher + prior Hessian / N) estimated
+        at ``swa_start`` over one epoch (:mod:`pyro_swag.precondition`), so the iterates'
+        covariance has the posterior's shape; ``swa_lr`` is then the rate of the preconditioned
+        step. Recorded in ``history["precondition"]`` and the checkpoint.
 
     Returns
     -------
@@ -205,6 +220,8 @@ def fit(
         )
     if not (swa_lr == "auto" or isinstance(swa_lr, (int, float)) and 0 < swa_lr < math.inf):
         raise ValueError(f"swa_lr must be a positive float or 'auto', got swa_lr={swa_lr!r}")
+    pre = precondition if isinstance(precondition, Preconditioner) else None
+    kind = pre.kind if pre else (precondition and _check_kind(precondition))
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=PATH, the file to resume from")
     batches, n = _batches(data, batch_size, num_data)
@@ -240,6 +257,8 @@ def fit(
         "collect_every_steps": collect_every_steps,
         "num_data": n,
     }
+    if kind:
+        config["precondition"] = kind
     history: dict[str, Any] = {
         "epoch": [],
         "phase": [],
@@ -247,6 +266,7 @@ def fit(
         "lr": [],
         "snapshots": [],
         "swa_lr": None if swa_lr == "auto" else float(swa_lr),
+        "precondition": kind,
     }
     start, swa_steps, swa_state = 0, 0, None
     if resume and os.path.exists(checkpoint):
@@ -263,6 +283,8 @@ def fit(
                 store[name].copy_(value)
         optim.set_state(state["optim"])
         swa_state = state["swa_optim"]
+        if state.get("precondition") is not None:
+            pre = Preconditioner.from_state_dict(state["precondition"])
         history = state["history"]
         start, swa_steps = state["epoch"], state["swa_steps"]
         torch.set_rng_state(state["rng"].cpu())
@@ -285,19 +307,22 @@ def fit(
         for epoch in range(start, epochs):
             swa = epoch >= swa_start
             if swa and swa_optim is None:
+                if kind and pre is None:
+                    epoch_batches = [_as_args(b) for b in batches]
+                    pre = estimate_preconditioner(
+                        model, collector, epoch_batches, num_data=n, kind=kind
+                    )
                 if history["swa_lr"] is None:
-                    history["swa_lr"] = _auto_lr(model, collector, batches, n, swa_momentum)
-                lr = history["swa_lr"]
-                swa_optim = pyro.optim.PyroLRScheduler(
-                    SWALR,
-                    {
-                        "optimizer": torch.optim.SGD,
-                        "optim_args": {"lr": anneal_from or lr, "momentum": swa_momentum},
-                        "swa_lr": lr,
-                        "anneal_epochs": anneal_epochs,
-                        "anneal_strategy": anneal_strategy,
-                    },
-                    dict(clip),
+                    history["swa_lr"] = _auto_lr(model, collector, batches, n, swa_momentum, pre)
+                swa_optim = swa_optimizer(
+                    history["swa_lr"],
+                    momentum=swa_momentum,
+                    anneal_from=anneal_from,
+                    anneal_epochs=anneal_epochs,
+                    anneal_strategy=anneal_strategy,
+                    clip=clip,
+                    preconditioner=pre,
+                    target=loc_name(collector),
                 )
                 if swa_state is not None:
                     swa_optim.set_state(swa_state)
@@ -339,7 +364,9 @@ def fit(
             )
             done = epoch + 1
             if checkpoint is not None and (done % checkpoint_every == 0 or done == epochs):
-                _save(checkpoint, config, done, swa_steps, collector, optim, swa_optim, history)
+                _save(
+                    checkpoint, config, done, swa_steps, collector, optim, swa_optim, history, pre
+                )
             if callback is not None and callback(epoch, history) is True:
                 break
     finally:
@@ -359,17 +386,22 @@ def _step_scheduler(optim, loss: float) -> None:
         optim.step()
 
 
-def _auto_lr(model, collector, batches, n, momentum: float) -> float:
+def _auto_lr(model, collector, batches, n, momentum: float, pre=None) -> float:
     batches = [_as_args(b) for b in batches]
-    lr = float(
-        suggest_swa_lr(model, collector, batches, num_data=n, momentum=momentum, per_datum=True)
-    )
+    if pre is not None:
+        size = int(batches[0][0].shape[0])
+        lr = preconditioned_lr(pre, num_data=n, batch_size=size, momentum=momentum)
+    else:
+        lr = suggest_swa_lr(
+            model, collector, batches, num_data=n, momentum=momentum, per_datum=True
+        )
+    lr = float(lr)
     if not 0 < lr < math.inf:
         raise RuntimeError(f"suggest_swa_lr returned {lr}; pass swa_lr explicitly")
     return lr
 
 
-def _save(path, config, epoch, swa_steps, collector, optim, swa_optim, history) -> None:
+def _save(path, config, epoch, swa_steps, collector, optim, swa_optim, history, pre) -> None:
     state = {
         "format": _FORMAT,
         "config": config,
@@ -380,6 +412,7 @@ def _save(path, config, epoch, swa_steps, collector, optim, swa_optim, history) 
         "optim": optim.get_state(),
         "swa_optim": None if swa_optim is None else swa_optim.get_state(),
         "history": history,
+        "precondition": None if pre is None else pre.state_dict(),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }

@@ -1,0 +1,345 @@
+r"""Preconditioned constant SGD for the SWA phase (Mandt, Hoffman & Blei 2017, sec. 4).
+
+With :func:`pyro_swag.train.fit`'s per-datum loss :math:`\ell = L/N` (Hessian
+:math:`A_1 = A/N`, posterior :math:`\mathcal{N}(\theta^*, A^{-1}) = \mathcal{N}(\theta^*,
+(N A_1)^{-1})`) and minibatch gradient noise :math:`\operatorname{Cov}\hat g = \frac{N-B}{N-1}
+C/B` (:math:`C` the per-example gradient covariance), the preconditioned iteration
+:math:`\theta \leftarrow \theta - \epsilon P \hat g` has, to first order in :math:`\epsilon`,
+a stationary covariance :math:`\Sigma` solving
+
+.. math::
+
+    P A_1 \Sigma + \Sigma A_1 P = \epsilon\, P \operatorname{Cov}\hat g\, P .
+
+With :math:`P = A_1^{-1}` and a well-specified model (:math:`C \approx A_1`),
+:math:`\Sigma = \frac{\epsilon}{2B} A_1^{-1}` — *proportional to the posterior*, matched at
+:math:`\epsilon = 2B/N`. Plain SGD (:math:`P = I`) gives :math:`\Sigma \propto I` instead,
+a shape no scalar ``scale`` can repair. For any symmetric positive-definite :math:`P`,
+multiplying the equation by :math:`P^{-1}` and taking the trace gives
+:math:`\operatorname{Tr}(A\Sigma) = \frac{N\epsilon}{2}\operatorname{Tr}(P\operatorname{Cov}
+\hat g)`, so the KL-optimal rate is
+
+.. math::
+
+    \epsilon^* = \frac{2 (1-\mu) D}{N \operatorname{Tr}(P \operatorname{Cov}\hat g)}
+    = \frac{2(1-\mu) D B}{N \frac{N-B}{N-1}\operatorname{Tr}(P \hat C)},
+
+(:math:`\mu` the heavy-ball momentum), which reduces to :func:`pyro_swag.lr.suggest_swa_lr`
+at :math:`P = I` and to :math:`2B(1-\mu)/N` when :math:`P^{-1} = C`.
+
+:math:`A_1` is estimated at the pre-trained point as :math:`F + H_0/N + \delta I`: the
+empirical Fisher :math:`F = \frac1n\sum_i g_i g_i^\top` of the per-example log-likelihood
+gradients over one epoch, the Hessian :math:`H_0` of the negative log prior (with the
+unconstrained transform's Jacobian) from Hessian-vector products, and a damping
+:math:`\delta` = ``damping`` × the mean diagonal. ``"full"`` keeps the Cholesky factor of
+:math:`A_1` (``P g`` is a triangular solve); ``"diag"`` keeps its diagonal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.optim.optim import normalize_param_name
+from torch.optim.swa_utils import SWALR
+
+from .lr import _per_example_grads
+
+__all__ = ["Preconditioner", "PreconditionedSGD", "estimate_preconditioner"]
+
+KINDS = ("diag", "full")
+MAX_DENSE = 4096
+
+
+@dataclass
+class Preconditioner:
+    """:math:`P = A_1^{-1}`, from a per-datum curvature estimate :math:`A_1`.
+
+    Attributes
+    ----------
+    kind : {"diag", "full"}
+    factor : torch.Tensor
+        ``"diag"``: the diagonal of :math:`A_1`, shape (D,); ``"full"``: the lower Cholesky
+        factor of :math:`A_1`, shape (D, D).
+    damping : float
+        The absolute damping :math:`\\delta` added to the diagonal.
+    noise_trace : float
+        :math:`\\operatorname{Tr}(P\\hat C)` of the per-example gradients it was built from
+        (``nan`` when unknown).
+    num_examples : int
+        Examples the Fisher estimate used.
+    """
+
+    kind: str
+    factor: torch.Tensor
+    damping: float
+    noise_trace: float = math.nan
+    num_examples: int = 0
+
+    @property
+    def dim(self) -> int:
+        return self.factor.shape[0]
+
+    def apply(self, g: torch.Tensor) -> torch.Tensor:
+        """:math:`P g` for a flat gradient (or a batch of them in the last dimension)."""
+        if self.kind == "diag":
+            return g / self.factor
+        rhs = g.reshape(-1, self.dim).T
+        return torch.cholesky_solve(rhs, self.factor).T.reshape(g.shape)
+
+    def curvature(self) -> torch.Tensor:
+        """The dense :math:`A_1` (for tests and diagnostics)."""
+        if self.kind == "diag":
+            return torch.diag(self.factor)
+        return self.factor @ self.factor.T
+
+    def trace(self, centred: torch.Tensor) -> float:
+        """:math:`\\operatorname{Tr}(P \\hat C)`, :math:`\\hat C` the covariance of the rows."""
+        quad = (centred * self.apply(centred)).sum()
+        return float(quad) / max(centred.shape[0] - 1, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "factor": self.factor,
+            "damping": self.damping,
+            "noise_trace": self.noise_trace,
+            "num_examples": self.num_examples,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Preconditioner:
+        return cls(**state)
+
+
+def _check_kind(kind) -> str:
+    if kind not in KINDS:
+        raise ValueError(
+            f"precondition must be None, 'diag' or 'full' (or a Preconditioner), got "
+            f"precondition={kind!r}"
+        )
+    return kind
+
+
+def _neg_log_prior(model, collector, batch, num_data) -> torch.Tensor:
+    """:math:`-\\log p(\\theta)` of the unconstrained latent (prior + Jacobian), unscaled."""
+    guide_tr = poutine.trace(collector).get_trace(*batch, num_data=num_data)
+    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
+        *batch, num_data=num_data
+    )
+    latent = model_tr.log_prob_sum(lambda name, site: not site["is_observed"])
+    return guide_tr.log_prob_sum() - latent
+
+
+def _prior_hessian(model, collector, batch, num_data, kind: str, probes: int = 16):
+    """Dense Hessian (D, D), or its diagonal (exact up to MAX_DENSE, else Hutchinson)."""
+    loc = collector.loc
+    dim = loc.numel()
+    (grad,) = torch.autograd.grad(
+        _neg_log_prior(model, collector, batch, num_data), loc, create_graph=True
+    )
+    if not grad.requires_grad:  # the prior is flat or linear in loc
+        zeros = torch.zeros(dim, dtype=loc.dtype, device=loc.device)
+        return zeros if kind == "diag" else torch.diag(zeros)
+    if dim > MAX_DENSE:
+        gen = torch.Generator(device=loc.device).manual_seed(0)
+        est = torch.zeros_like(loc)
+        for _ in range(probes):
+            v = torch.randint(0, 2, loc.shape, generator=gen, device=loc.device) * 2.0 - 1.0
+            v = v.to(loc.dtype)
+            (hv,) = torch.autograd.grad(grad, loc, grad_outputs=v, retain_graph=True)
+            est += v * hv / probes
+        return est.detach()
+    rows = []
+    eye = torch.eye(dim, dtype=loc.dtype, device=loc.device)
+    for chunk in eye.split(256):
+        (h,) = torch.autograd.grad(
+            grad, loc, grad_outputs=chunk, retain_graph=True, is_grads_batched=True
+        )
+        rows.append(h.detach() if kind == "full" else (h * chunk).sum(-1).detach())
+    out = torch.cat(rows)
+    return 0.5 * (out + out.T) if kind == "full" else out
+
+
+def estimate_preconditioner(
+    model: Callable,
+    collector,
+    batches: Iterable,
+    *,
+    num_data: int,
+    kind: str = "full",
+    damping: float = 1e-3,
+) -> Preconditioner:
+    """Estimate :math:`P = (F + H_0/N + \\delta I)^{-1}` at the collector's point.
+
+    Parameters
+    ----------
+    model : callable
+        The Pyro model, ``model(*batch, num_data=num_data)``; its observed sites must be
+        indexed by the batch dimension (per-example gradients).
+    collector : SWAGCollector
+        Set up and at the (pre-trained) point; not changed.
+    batches : iterable of tuple of torch.Tensor
+        One pass over the data (e.g. a shuffled epoch); every example is used.
+    num_data : int
+        Full data size :math:`N`.
+    kind : {"full", "diag"}
+        Dense Cholesky factor (D ≤ 4096) or the diagonal.
+    damping : float
+        :math:`\\delta` relative to the mean diagonal of :math:`F + H_0/N`.
+
+    Returns
+    -------
+    Preconditioner
+    """
+    _check_kind(kind)
+    if not (isinstance(num_data, int) and num_data > 0):
+        raise ValueError(f"num_data must be a positive int (the full data size), got {num_data!r}")
+    if not (isinstance(damping, (int, float)) and 0 < damping < math.inf):
+        raise ValueError(f"damping must be a positive float, got damping={damping!r}")
+    if getattr(collector, "prototype_trace", None) is None:
+        raise RuntimeError(
+            "the collector is not set up: call collector(*batch, num_data=N) or svi.step once first"
+        )
+    dim = collector.loc.numel()
+    if kind == "full" and dim > MAX_DENSE:
+        raise ValueError(
+            f"precondition='full' needs a dense {dim}x{dim} matrix (latent dimension {dim} > "
+            f"{MAX_DENSE}); use precondition='diag'"
+        )
+    batches = [b if isinstance(b, (tuple, list)) else (b,) for b in batches]
+    if not batches:
+        raise ValueError("batches is empty; pass one epoch of minibatches")
+    grads = []
+    for batch in batches:
+        g = _per_example_grads(model, collector, tuple(batch), num_data)
+        if g is None:
+            raise RuntimeError(
+                "precondition needs per-example gradients, but an observed site's log-density "
+                "is not indexed by the batch's first dimension; use precondition=None"
+            )
+        grads.append(g)
+    g = torch.cat(grads)
+    n = g.shape[0]
+    prior = _prior_hessian(model, collector, tuple(batches[0]), num_data, kind) / num_data
+    if kind == "diag":
+        curv = g.pow(2).mean(0) + prior
+        delta = damping * float(curv.mean().clamp_min(1e-30))
+        factor = curv.clamp_min(0) + delta
+    else:
+        curv = g.T @ g / n + prior
+        delta = damping * float(curv.diagonal().mean().clamp_min(1e-30))
+        eye = torch.eye(dim, dtype=g.dtype, device=g.device)
+        for _ in range(8):  # the prior's Hessian may be indefinite: raise the damping
+            factor, info = torch.linalg.cholesky_ex(curv + delta * eye)
+            if int(info) == 0:
+                break
+            delta *= 10.0
+        else:
+            raise RuntimeError("could not factor the curvature estimate; use precondition='diag'")
+    if not torch.isfinite(factor).all():
+        raise RuntimeError(
+            "non-finite curvature estimate at the collector's point; pre-train first"
+        )
+    pre = Preconditioner(kind, factor.detach(), delta, num_examples=n)
+    pre.noise_trace = pre.trace(g - g.mean(0))
+    return pre
+
+
+def preconditioned_lr(
+    pre: Preconditioner, *, num_data: int, batch_size: int, momentum: float = 0.0
+) -> float:
+    """The per-datum KL-optimal rate :math:`\\epsilon^*` of the module docstring."""
+    finite = (num_data - batch_size) / max(num_data - 1, 1)
+    if not pre.noise_trace > 0 or finite <= 0:
+        raise RuntimeError(
+            "zero preconditioned gradient noise (full batches or identical gradients); SWAG "
+            "needs minibatch noise: use a batch size smaller than the data"
+        )
+    return 2.0 * (1.0 - momentum) * pre.dim * batch_size / (num_data * finite * pre.noise_trace)
+
+
+class PreconditionedSGD(torch.optim.Optimizer):
+    """Heavy-ball SGD on :math:`P\\hat g`: :math:`b \\leftarrow \\mu b + P\\hat g`,
+    :math:`\\theta \\leftarrow \\theta - \\epsilon b` (``torch.optim.SGD``'s convention).
+
+    Parameters whose size differs from the preconditioner's dimension get plain SGD.
+    """
+
+    def __init__(
+        self, params, lr: float, momentum: float = 0.0, preconditioner: Preconditioner | None = None
+    ) -> None:
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got momentum={momentum!r}")
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+        self.preconditioner = preconditioner
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        pre = self.preconditioner
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if pre is not None and p.numel() == pre.dim:
+                    d = pre.apply(d.reshape(-1)).reshape(p.shape)
+                if group["momentum"]:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.clone()
+                    else:
+                        buf.mul_(group["momentum"]).add_(d)
+                    d = buf
+                p.add_(d, alpha=-group["lr"])
+        return loss
+
+
+def swa_optimizer(
+    lr: float,
+    *,
+    momentum: float,
+    anneal_from: float | None,
+    anneal_epochs: int,
+    anneal_strategy: str,
+    clip: dict,
+    preconditioner: Preconditioner | None,
+    target: str | None,
+) -> pyro.optim.PyroLRScheduler:
+    """SWALR over SGD (``preconditioner=None``) or :class:`PreconditionedSGD` on ``target``."""
+    if preconditioner is None:
+        optimizer, optim_args = torch.optim.SGD, {"lr": anneal_from or lr, "momentum": momentum}
+    else:
+
+        def optim_args(name):
+            use = preconditioner if target is None or name == target else None
+            return {"lr": anneal_from or lr, "momentum": momentum, "preconditioner": use}
+
+        optimizer = PreconditionedSGD
+    return pyro.optim.PyroLRScheduler(
+        SWALR,
+        {
+            "optimizer": optimizer,
+            "optim_args": optim_args,
+            "swa_lr": lr,
+            "anneal_epochs": anneal_epochs,
+            "anneal_strategy": anneal_strategy,
+        },
+        dict(clip),
+    )
+
+
+def loc_name(collector) -> str | None:
+    """Normalised param-store name of ``collector.loc`` (what per-param optim args receive)."""
+    store = pyro.get_param_store()
+    try:
+        return normalize_param_name(store.param_name(collector.loc))
+    except Exception:  # not in the param store (e.g. a plain tensor): match by size only
+        return None
