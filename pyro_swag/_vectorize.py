@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import pyro
 import torch
 from pyro import poutine
-from pyro.distributions import Delta
+from pyro.distributions import Delta, Independent, Normal
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import Distribution
 from torch.distributions.transforms import Transform
+from torch.distributions.utils import _standard_normal
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -60,6 +62,60 @@ def _rebuild(spec: tuple, tensors: Sequence[torch.Tensor], i: int) -> Any:
     if kind == "d":
         return {k: _rebuild(v, tensors, i) for k, v in spec[1].items()}
     return spec[1]
+
+
+def _normal_plan(spec: tuple, flat: Sequence[torch.Tensor]) -> tuple | None:
+    """``(loc index, scale index, noise)`` if ``spec`` is a ``Normal`` (optionally inside
+    ``Independent``) called with no arguments, else ``None``.
+
+    Pyro samples such a site with ``Normal.rsample``: ``loc + eps * scale`` with
+    ``eps = _standard_normal(batch_shape, dtype, device)``. ``noise()`` is that same call, so
+    the draws' ``eps`` can be generated one by one, in Pyro's order (the same random stream),
+    and ``loc + eps * scale`` computed once for all draws: bit for bit what the per-draw calls
+    give.
+    """
+    _, _, (fn, fn_args, fn_kwargs) = spec
+    if fn_args[2] or fn_kwargs[0] != "d" or set(fn_kwargs[1]) - {"sample_shape"}:
+        return None
+    shape_spec = fn_kwargs[1].get("sample_shape", ("v", ()))
+    if shape_spec[0] != "v" or len(shape_spec[1]) != 0:
+        return None
+    while fn[0] == "o" and fn[1] is Independent:
+        fn = fn[2]["base_dist"]
+    if fn[0] != "o" or fn[1] is not Normal:
+        return None
+    loc, scale = fn[2].get("loc"), fn[2].get("scale")
+    if loc is None or scale is None or loc[0] != "t" or scale[0] != "t":
+        return None
+    batch = tuple(fn[2]["_batch_shape"][1])
+    ref = flat[loc[1]]
+    if tuple(ref.shape[1:]) != batch or tuple(flat[scale[1]].shape[1:]) != batch:
+        return None
+    return loc[1], scale[1], partial(_standard_normal, batch, dtype=ref.dtype, device=ref.device)
+
+
+def _sample_deferred(deferred: list, flat: Sequence[torch.Tensor], count: int) -> dict:
+    """Sample the recorded sites for draws ``0..count-1``, in sequential Pyro's order.
+
+    Draw by draw, site by site: a Normal site draws its standard-normal noise through a
+    template (:func:`_normal_plan`), any other site is rebuilt for that draw and called as Pyro
+    calls it. Returns ``{site: (count, *value_shape)}``.
+    """
+    plans = [(name, s, _normal_plan(s, flat)) for name, s in deferred]
+    rows: dict[str, list] = {name: [] for name, _, _ in plans}
+    with torch.no_grad():
+        for i in range(count):
+            for name, s, plan in plans:
+                if plan is None:
+                    fn, fn_args, fn_kwargs = _rebuild(s, flat, i)
+                    rows[name].append(fn(*fn_args, **fn_kwargs))
+                else:
+                    rows[name].append(plan[2]())
+        out = {}
+        for name, _, plan in plans:
+            value = torch.stack(rows[name])
+            out[name] = value if plan is None else flat[plan[0]] + value * flat[plan[1]]
+    return out
 
 
 class _DeferSampling(Messenger):

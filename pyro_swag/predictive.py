@@ -42,7 +42,8 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoContinuous
-from torch.distributions import biject_to
+from torch.distributions import LowRankMultivariateNormal, biject_to
+from torch.distributions.utils import _standard_normal
 
 from ._vectorize import (
     _check_positive_int,
@@ -53,8 +54,8 @@ from ._vectorize import (
     _numel,
     _prototype,
     _put,
-    _rebuild,
     _run_vmapped,
+    _sample_deferred,
     _warn_fallback,
     forward_draws,
 )
@@ -107,7 +108,24 @@ def sample_latents(guide: Any, num_samples: int, *args, **kwargs) -> torch.Tenso
         guide._setup_prototype(*args, **kwargs)
     _require_continuous(guide, "sample_latents")
     with torch.no_grad():
-        return guide.get_posterior(*args, **kwargs).sample((num_samples,))
+        posterior = guide.get_posterior(*args, **kwargs)
+        low_rank = type(posterior).rsample is LowRankMultivariateNormal.rsample
+        if low_rank and not posterior.batch_shape:
+            return _low_rank_sample(posterior, num_samples)
+        return posterior.sample((num_samples,))
+
+
+def _low_rank_sample(posterior: LowRankMultivariateNormal, num: int) -> torch.Tensor:
+    """``posterior.rsample((num,))`` with the low-rank term as one matmul.
+
+    The same standard-normal draws as ``LowRankMultivariateNormal.rsample`` (``eps_W`` (S, K),
+    then ``eps_D`` (S, P)); ``loc + eps_W W^T + sqrt(D) * eps_D`` is then one ``addmm`` instead
+    of torch's S matrix-vector products over an expanded copy of ``W`` (S x P x K floats).
+    """
+    loc, factor = posterior.loc, posterior.cov_factor
+    eps_w = _standard_normal((num, factor.shape[-1]), dtype=loc.dtype, device=loc.device)
+    eps_d = _standard_normal((num, loc.shape[-1]), dtype=loc.dtype, device=loc.device)
+    return torch.addcmul(torch.addmm(loc, eps_w, factor.T), posterior.cov_diag.sqrt(), eps_d)
 
 
 def _unpack(guide: Any, latents: torch.Tensor) -> tuple[dict, torch.Tensor]:
@@ -281,13 +299,9 @@ def _predict_vectorized(model, values, sites, args, kwargs, chunk_size) -> dict:
             raise RuntimeError("the model uses a predicted site's value (or produced NaN)")
         for name, value in zip(spec["fixed"], fixed):
             _put(out, name, num, c, value)
-        with torch.no_grad():
-            for i in range(c.stop - c.start):
-                for name, s in spec["deferred"]:
-                    fn, fn_args, fn_kwargs = _rebuild(s, flat, i)
-                    value = fn(*fn_args, **fn_kwargs)
-                    if name in sites:
-                        _put(out, name, num, slice(c.start + i, c.start + i + 1), value[None])
+        for name, value in _sample_deferred(spec["deferred"], flat, c.stop - c.start).items():
+            if name in sites:
+                _put(out, name, num, c, value)
     return {s: out[s] for s in sites}
 
 
