@@ -25,25 +25,12 @@ __all__ = ["BayesianMLP", "LIKELIHOODS", "observe"]
 LIKELIHOODS = ("gaussian", "categorical", "bernoulli")
 
 
-def _tanh(z: torch.Tensor) -> torch.Tensor:
-    """``tanh(z) = 2 sigmoid(2z) - 1``, within ~1.2e-7 of ``torch.tanh`` in float32.
-
-    On CPUs where ``torch.tanh`` is not vectorized (4-5 ns per float32 element measured
-    here, against ~1 ns for ``torch.sigmoid``) this is the cheaper form. Without autograd
-    the intermediate ``z`` is overwritten in place (no extra allocations).
-    """
-    if torch.is_grad_enabled() and z.requires_grad:
-        return 2 * torch.sigmoid(2 * z) - 1
-    return torch.sigmoid_(z.mul_(2)).mul_(2).sub_(1)
+_ACTIVATIONS = ("tanh", "relu")
 
 
-def _relu(z: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() and z.requires_grad:
-        return torch.relu(z)
-    return torch.relu_(z)
-
-
-_ACTIVATIONS = {"tanh": _tanh, "relu": _relu}
+def _inplace(t: torch.Tensor) -> bool:
+    """Whether ``t`` may be overwritten: no autograd graph needs it."""
+    return not (torch.is_grad_enabled() and t.requires_grad)
 
 
 def observe(
@@ -139,7 +126,7 @@ class BayesianMLP(PyroModule):
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r} is not one of {LIKELIHOODS}")
         if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is not one of {sorted(_ACTIVATIONS)}")
+            raise ValueError(f"activation={activation!r} is not one of {_ACTIVATIONS}")
         if likelihood == "bernoulli" and out_features != 1:
             raise ValueError(f"bernoulli needs out_features=1, got out_features={out_features}")
         if not prior_scale > 0:
@@ -175,11 +162,36 @@ class BayesianMLP(PyroModule):
         return init
 
     def net(self, x: torch.Tensor) -> torch.Tensor:
-        """The network output for the current (sampled) weights."""
-        act = _ACTIVATIONS[self.activation]
-        for layer in self.layers[:-1]:
-            x = act(layer(x))
-        return self.layers[-1](x)
+        r"""The network output (B, out_features) for the current (sampled) weights.
+
+        Each layer is ``h -> W h + b`` on the transposed activations (features x B), so that
+        under ``vmap`` over weight draws the first layer is one matrix product for all draws.
+        ``tanh`` is computed as :math:`\tanh(z) = 2(\sigma(2z) - 1/2)` (one ``sigmoid``,
+        several times cheaper than ``torch.tanh`` on CPUs where the latter is not
+        vectorized; within ~1e-7 of it in float32): the hidden state carries
+        :math:`\sigma(2z) - 1/2` and the factors 2 are applied to the (small) weight
+        matrices, which is exact in floating point. Without autograd, bias and activation
+        are applied in place.
+        """
+        if x.dim() < 2 or x.shape[-1] != self.layers[0].in_features:
+            raise ValueError(
+                f"x must have shape (B, {self.layers[0].in_features}), got x.shape={tuple(x.shape)}"
+            )
+        h, gain = x.mT, 1  # gain: true hidden values = gain * h
+        for i, layer in enumerate(self.layers):
+            last = i == len(self.layers) - 1
+            pre = 2 if self.activation == "tanh" and not last else 1
+            w, b = layer.weight, layer.bias  # the order nn.Linear uses
+            z = (w if pre * gain == 1 else w * (pre * gain)) @ h
+            b = (b if pre == 1 else b * pre).unsqueeze(-1)
+            z = z.add_(b) if _inplace(z) else z + b
+            if last:
+                h = z
+            elif self.activation == "relu":
+                h = z.relu_() if _inplace(z) else z.relu()
+            else:
+                h, gain = (z.sigmoid_().sub_(0.5) if _inplace(z) else z.sigmoid() - 0.5), 2
+        return h.mT
 
     def forward(
         self, x: torch.Tensor, y: torch.Tensor | None = None, num_data: int | None = None
