@@ -2,9 +2,13 @@
 load-parameters-then-forward loop (the reference SWAG implementation's way).
 
 S posterior draws of a SWAG guide on BayesianMLP(8 -> hidden -> 1) BNNs, N inputs. All
-three methods run in the same process, one thread, best of ``--repeats``; ratios are
-relative to ours. Peak memory against ``chunk_size`` is measured in fresh subprocesses
-(peak resident set size above the level just before the call, /proc VmHWM).
+methods run in the same process with the same number of torch threads, repeats interleaved
+(ours, Predictive, loop, forward_draws, ours, ...) so that they share the machine's load;
+best of ``--repeats``; ratios are relative to ours. Run once with 1 thread and once with
+torch's default thread count. With 1 thread the CPU time of the process is reported too
+(insensitive to other jobs on a shared machine). Peak memory against ``chunk_size`` is
+measured in fresh subprocesses (peak resident set size above the level just before the
+call, /proc VmHWM).
 
 Run: ``python benchmarks/predictive.py`` (writes docs/results/predictive.md);
 ``--quick`` for a small smoke run that writes nothing.
@@ -77,48 +81,63 @@ def vectorized_forward(guide, net, x, num):
     return forward_draws(net, params, x)
 
 
-def best(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def interleaved(fns: dict, repeats: dict) -> tuple[dict, dict]:
+    """Best wall and process-CPU seconds per function, repeats interleaved."""
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
+    for f in fns.values():
+        f()  # warm up
+    for r in range(max(repeats.values())):
+        for k, f in fns.items():
+            if r >= repeats[k]:
+                continue
+            w, c = time.perf_counter(), time.process_time()
+            f()
+            cpu[k].append(time.process_time() - c)
+            wall[k].append(time.perf_counter() - w)
+    return {k: min(v) for k, v in wall.items()}, {k: min(v) for k, v in cpu.items()}
 
 
-def time_config(hidden, activation, num, n, repeats) -> dict:
+def time_config(hidden, activation, num, n, repeats, check=True) -> dict:
     model, x, guide = make(hidden, activation, n)
     net = plain_net(hidden, activation)
-    ours = best(lambda: predictive(model, guide, x, num_samples=num), repeats)
-    seq = best(lambda: Predictive(model, guide=guide, num_samples=num)(x), max(1, repeats - 1))
-    loop = best(lambda: loop_forward(guide, net, x, num), repeats)
-    fwd = best(lambda: vectorized_forward(guide, net, x, num), repeats)
+    fns = {
+        "ours": lambda: predictive(model, guide, x, num_samples=num),
+        "seq": lambda: Predictive(model, guide=guide, num_samples=num)(x),
+        "loop": lambda: loop_forward(guide, net, x, num),
+        "fwd": lambda: vectorized_forward(guide, net, x, num),
+    }
+    wall, cpu = interleaved(fns, {**dict.fromkeys(fns, repeats), "seq": max(1, repeats - 1)})
+    name = f"{len(hidden)}x{hidden[0]} {activation}"
+    row = dict(model=name, threads=torch.get_num_threads(), **wall)
+    row.update({f"cpu_{k}": v for k, v in cpu.items()})
+    if not check:
+        return row
     pyro.set_rng_seed(2)
     v = vectorized_forward(guide, net, x, num)
     pyro.set_rng_seed(2)
-    fwd_diff = (v - loop_forward(guide, net, x, num)).abs().max().item()
+    row["fwd_diff"] = (v - loop_forward(guide, net, x, num)).abs().max().item()
     try:
         Predictive(model, guide=guide, num_samples=num, parallel=True)(x)
-        par = "runs"
-    except RuntimeError as err:
-        par = "fails: " + str(err).splitlines()[0][:40]
+        row["par"] = "runs"
+    except (RuntimeError, ValueError) as err:
+        row["par"] = "fails: " + str(err).splitlines()[0][:40]
     # same seed, same guide draws -> same predictive draws as the sequential path
     pyro.set_rng_seed(1)
     a = predictive(model, guide, x, num_samples=num)
     pyro.set_rng_seed(1)
     b = predictive(model, guide, x, num_samples=num, parallel=False)
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    name = f"{len(hidden)}x{hidden[0]} {activation}"
-    return dict(
-        model=name, ours=ours, seq=seq, loop=loop, fwd=fwd, par=par, diff=diff, fwd_diff=fwd_diff
-    )
+    row["diff"] = max((a[k] - b[k]).abs().max().item() for k in a)
+    return row
 
 
-def timing_rows(num, n, repeats, configs):
+def timing_rows(num, n, repeats, configs, threads, check=True):
+    torch.set_num_threads(threads)
     rows = []
     for hidden, activation in configs:
-        rows.append(time_config(hidden, activation, num, n, repeats))
+        rows.append(time_config(hidden, activation, num, n, repeats, check))
         print(json.dumps(rows[-1]), flush=True)
+    torch.set_num_threads(1)
     return rows
 
 
@@ -153,50 +172,61 @@ def memory_rows(num, n, chunks):
     return rows
 
 
-HEADER = [
-    "| model | ours | sequential Predictive | loop | forward_draws | Predictive / ours "
-    "| loop / ours | loop / forward_draws | max abs diff ours vs sequential "
-    "| Predictive(parallel=True) |",
-    "|---|---|---|---|---|---|---|---|---|---|",
-]
+def _header(cpu: bool, check: bool) -> list[str]:
+    cols = ["model", "ours", "sequential Predictive", "loop", "forward_draws", "Predictive / ours"]
+    cols += ["Predictive / ours, CPU time"] if cpu else []
+    cols += ["loop / ours", "loop / forward_draws"]
+    cols += ["max abs diff ours vs sequential", "Predictive(parallel=True)"] if check else []
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
 
-def _row(r: dict) -> str:
-    return (
-        f"| {r['model']} | {1e3 * r['ours']:.1f} | {1e3 * r['seq']:.1f} | "
-        f"{1e3 * r['loop']:.1f} | {1e3 * r['fwd']:.1f} | {r['seq'] / r['ours']:.1f}x "
-        f"| {r['loop'] / r['ours']:.2f}x | {r['loop'] / r['fwd']:.2f}x | {r['diff']:.1e} "
-        f"| {r['par']} |"
-    )
+def _row(r: dict, cpu: bool, check: bool) -> str:
+    cells = [
+        r["model"],
+        *(f"{1e3 * r[k]:.1f}" for k in ("ours", "seq", "loop", "fwd")),
+        f"**{r['seq'] / r['ours']:.1f}x**",
+    ]
+    cells += [f"{r['cpu_seq'] / r['cpu_ours']:.1f}x"] if cpu else []
+    cells += [f"{r['loop'] / r['ours']:.2f}x", f"{r['loop'] / r['fwd']:.2f}x"]
+    cells += [f"{r['diff']:.1e}", r["par"]] if check else []
+    return "| " + " | ".join(cells) + " |"
 
 
-def table(rows, mem, num, n, mem_num, small=()):
-    load = os.getloadavg()
+def _table(rows, cpu, check) -> list[str]:
+    return [*_header(cpu, check), *[_row(r, cpu, check) for r in rows]]
+
+
+def table(runs, mem, num, n, mem_num, small, load):
     lines = [
         "# Predictive benchmark (generated by `python benchmarks/predictive.py`)",
         "",
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or 'CPU'}, "
-        f"{os.cpu_count()} cores shared with other jobs (load average {load[0]:.1f} at the end), "
-        f"torch {torch.__version__}, pyro {pyro.__version__}, 1 thread.",
+        f"{os.cpu_count()} cores shared with other jobs (load average {load[0]:.1f} at the "
+        f"start, {os.getloadavg()[0]:.1f} at the end), torch {torch.__version__}, "
+        f"pyro {pyro.__version__}.",
         "",
         f"S = {num} draws of a SWAG guide (rank 10), BayesianMLP 8 -> hidden -> 1 with learned "
-        f"noise precision, N = {n} inputs. Best of repeats, wall time in ms. `loop` draws the S "
-        "vectors, then per draw writes one into a plain `nn.Sequential`'s parameters and runs "
-        "forward (network outputs only, no observation noise drawn); `forward_draws` computes the "
-        "same S network outputs vectorized (torch-module route; max abs diff to the loop "
-        "printed by the script). `ours` = `predictive(model, guide, x, num_samples=S)`: guide "
-        "draws, the model vmapped over draws, observation noise drawn per draw as Pyro does.",
-        "",
-        *HEADER,
-        *[_row(r) for r in rows],
+        f"noise precision, N = {n} inputs. Wall time in ms, best of repeats interleaved "
+        "between the methods; every method runs with the same number of torch threads. "
+        "`loop` draws the S vectors, then per draw writes one into a plain `nn.Sequential`'s "
+        "parameters and runs forward (network outputs only, no observation noise drawn); "
+        "`forward_draws` computes the same S network outputs vectorized (torch-module route; "
+        "max abs diff to the loop printed by the script). `ours` = `predictive(model, guide, "
+        "x, num_samples=S)`: guide draws, the model vmapped over draws, observation noise "
+        "drawn per draw as Pyro does. The CPU-time ratio (1 thread only) uses the process's "
+        "CPU time, which other jobs on the machine do not inflate.",
     ]
+    for threads, rows in runs:
+        cpu = threads == 1
+        lines += ["", f"**{threads} thread{'s' if threads > 1 else ''}**:", ""]
+        lines += _table(rows, cpu, cpu)
     if small:
-        lines += ["", "Context, same S, N = 100 inputs (less arithmetic per draw):", ""]
-        lines += [*HEADER, *[_row(r) for r in small]]
+        lines += ["", "Context, same S, N = 100 inputs (less arithmetic per draw), 1 thread:", ""]
+        lines += _table(small, True, True)
     lines += [
         "",
-        f"Peak memory of one call against `chunk_size` (S = {mem_num}, N = {n}, 1x50 tanh; "
-        "peak resident memory above the level before the call, fresh process each):",
+        f"Peak memory of one call against `chunk_size` (S = {mem_num}, N = {n}, 1x50 tanh, "
+        "1 thread; peak resident memory above the level before the call, fresh process each):",
         "",
         "| chunk_size | peak MiB | wall ms |",
         "|---|---|---|",
@@ -209,30 +239,37 @@ def table(rows, mem, num, n, mem_num, small=()):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, write nothing")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--num", type=int, default=100)
     parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--out", default=str(OUT), help="where to write the table")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    default_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     if args.memory_child is not None:
         chunk = None if args.memory_child == "none" else int(args.memory_child)
         return memory_child(args.num, args.n, chunk)
+    load = os.getloadavg()
     if args.quick:
-        rows = timing_rows(10, 100, 1, [((50,), "tanh")])
+        runs = [(t, timing_rows(10, 100, 1, [((50,), "tanh")], t)) for t in (1, default_threads)]
         mem = memory_rows(50, 100, [None, 10])
-        print(table(rows, mem, 10, 100, 50))
+        print(table(runs, mem, 10, 100, 50, (), load))
         return
     configs = [((50,), "tanh"), ((50, 50), "tanh"), ((50,), "relu"), ((50, 50), "relu")]
-    rows = timing_rows(args.num, args.n, args.repeats, configs)
-    small = timing_rows(args.num, 100, args.repeats, configs[:2])  # context: Pyro-overhead regime
+    runs = [(1, timing_rows(args.num, args.n, args.repeats, configs, 1))]
+    if default_threads > 1:
+        rows = timing_rows(args.num, args.n, args.repeats, configs, default_threads, check=False)
+        runs.append((default_threads, rows))
+    small = timing_rows(args.num, 100, args.repeats, configs[:2], 1)  # Pyro-overhead regime
     mem_num = 10 * args.num
     mem = memory_rows(mem_num, args.n, [None, 250, 50, 10])
-    text = table(rows, mem, args.num, args.n, mem_num, small)
+    text = table(runs, mem, args.num, args.n, mem_num, small, load)
     print(text)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text)
-    print(f"wrote {OUT.relative_to(ROOT)}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

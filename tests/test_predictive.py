@@ -234,6 +234,79 @@ def test_log_joint_oracle(case):
     assert torch.isfinite(lp - guide.get_posterior().log_prob(latents)).all()
 
 
+def mixed_model(x, y=None):
+    """Predicted sites of several kinds, interleaved: Normal in a plate (fast path), StudentT
+    (generic path), Independent(Normal) outside the plate (fast path)."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0))
+    s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("t", dist.StudentT(3.0, w * x, s))
+        pyro.sample("obs", dist.Normal(w * x, s), obs=y)
+    pyro.sample("vec", dist.Normal(w * x, 1.0).to_event(1))
+
+
+def test_normal_fast_path_is_the_generic_path(monkeypatch):
+    # Normal sites draw their noise per draw, loc + eps * scale once for all draws: bit for
+    # bit the per-draw rebuild-and-sample path, and within rounding of sequential Predictive
+    vec = pytest.importorskip("pyro_swag._vectorize")
+    x = torch.randn(20)
+    samples = {"w": torch.randn(9), "s": torch.rand(9) + 0.5}
+    plan, spy = vec._normal_plan, []
+
+    def spying(spec, flat):
+        spy.append(plan(spec, flat) is not None)
+        return plan(spec, flat)
+
+    monkeypatch.setattr(vec, "_normal_plan", spying)
+    pyro.set_rng_seed(8)
+    fast = predictive(mixed_model, None, x, posterior_samples=samples, chunk_size=4)
+    after_fast = torch.randn(2)
+    assert spy == [False, True, True] * 3  # t generic; obs, vec fast; 3 chunks
+    monkeypatch.setattr(vec, "_normal_plan", lambda spec, flat: None)
+    pyro.set_rng_seed(8)
+    generic = predictive(mixed_model, None, x, posterior_samples=samples, chunk_size=4)
+    assert torch.equal(torch.randn(2), after_fast)  # the same random stream consumed
+    ref = pyro_reference(mixed_model, samples, (x,), 8)
+    assert set(fast) == {"t", "obs", "vec"}
+    for name, value in fast.items():
+        torch.testing.assert_close(value, generic[name], atol=0, rtol=0)
+        torch.testing.assert_close(value, ref[name].reshape(value.shape), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("hidden", [(7,), (6, 5)])
+def test_bnn_forward_is_the_plain_network(activation, hidden):
+    # BayesianMLP's forward (transposed layout, tanh = 2 (sigmoid(2z) - 1/2), in place
+    # without autograd) against nn.functional.linear + torch.tanh/relu, values and gradients
+    model = BayesianMLP(3, 2, hidden=hidden, likelihood="categorical", activation=activation)
+    x = torch.randn(40, 3)
+    trace = poutine.trace(model).get_trace(x)
+    weights = {k: v["value"].detach() for k, v in trace.nodes.items() if k.startswith("layers")}
+
+    def plain(w):
+        h = x
+        for i in range(len(hidden) + 1):
+            h = torch.nn.functional.linear(h, w[f"layers.{i}.weight"], w[f"layers.{i}.bias"])
+            if i < len(hidden):
+                h = torch.tanh(h) if activation == "tanh" else torch.relu(h)
+        return h
+
+    with torch.no_grad():
+        out = poutine.condition(model, weights)(x)
+    torch.testing.assert_close(out, plain(weights), atol=2e-6, rtol=1e-5)
+    leaves = {k: v.clone().requires_grad_() for k, v in weights.items()}
+    ours = poutine.condition(model, leaves)(x)
+    ref_leaves = {k: v.clone().requires_grad_() for k, v in weights.items()}
+    ref = plain(ref_leaves)
+    torch.testing.assert_close(ours, ref, atol=2e-6, rtol=1e-5)
+    (ours**2).sum().backward()
+    (ref**2).sum().backward()
+    for k in weights:
+        torch.testing.assert_close(leaves[k].grad, ref_leaves[k].grad, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="x must have shape"):
+        model(torch.randn(5, 4))
+
+
 def noisy_model(x, y=None):
     w = pyro.sample("w", dist.Normal(0.0, 1.0))
     jitter = 0.01 * torch.randn(x.shape)  # its own randomness: not vectorizable
