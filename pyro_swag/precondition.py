@@ -48,9 +48,15 @@ from pyro import poutine
 from pyro.optim.optim import normalize_param_name
 from torch.optim.swa_utils import SWALR
 
-from .lr import _per_example_grads
+from .lr import _loss_fn, _per_example_grads
 
-__all__ = ["Preconditioner", "PreconditionedSGD", "estimate_preconditioner"]
+__all__ = [
+    "Preconditioner",
+    "PreconditionedSGD",
+    "estimate_preconditioner",
+    "preconditioned_curvature",
+    "preconditioned_lr",
+]
 
 KINDS = ("diag", "full")
 MAX_DENSE = 4096
@@ -252,16 +258,76 @@ def estimate_preconditioner(
 
 
 def preconditioned_lr(
-    pre: Preconditioner, *, num_data: int, batch_size: int, momentum: float = 0.0
+    pre: Preconditioner,
+    *,
+    num_data: int,
+    batch_size: int,
+    momentum: float = 0.0,
+    rule: str = "matched",
+    max_curvature: float | None = None,
+    stability_fraction: float = 0.5,
 ) -> float:
-    """The per-datum KL-optimal rate :math:`\\epsilon^*` of the module docstring."""
+    """Per-datum rate of the preconditioned SWA phase.
+
+    ``rule="matched"``: :math:`\\epsilon = 2B(1-\\mu)/(N\\frac{N-B}{N-1})`, which makes the
+    stationary covariance equal the posterior when :math:`P^{-1} \\approx C` (how ``P`` is
+    built); ``rule="kl"``: the KL-optimal :math:`\\epsilon^*` of the module docstring (it
+    counts every one of the ``D`` directions, so when the Fisher is rank-deficient, e.g. a
+    network with fewer examples than weights, it inflates the rate to widen directions the
+    noise never reaches). ``max_curvature`` (:math:`|\\lambda|_{\\max}(P A_1)`, see
+    :func:`preconditioned_curvature`) caps the rate at ``stability_fraction`` of heavy-ball
+    SGD's stability limit :math:`2(1+\\mu)/\\lambda`.
+    """
+    if rule not in ("matched", "kl"):
+        raise ValueError(f"rule must be 'matched' or 'kl', got rule={rule!r}")
     finite = (num_data - batch_size) / max(num_data - 1, 1)
-    if not pre.noise_trace > 0 or finite <= 0:
+    if finite <= 0 or (rule == "kl" and not pre.noise_trace > 0):
         raise RuntimeError(
             "zero preconditioned gradient noise (full batches or identical gradients); SWAG "
             "needs minibatch noise: use a batch size smaller than the data"
         )
-    return 2.0 * (1.0 - momentum) * pre.dim * batch_size / (num_data * finite * pre.noise_trace)
+    lr = 2.0 * (1.0 - momentum) * batch_size / (num_data * finite)
+    if rule == "kl":
+        lr *= pre.dim / pre.noise_trace
+    if max_curvature:
+        lr = min(lr, stability_fraction * 2.0 * (1.0 + momentum) / max_curvature)
+    return lr
+
+
+def preconditioned_curvature(
+    model: Callable,
+    collector,
+    batches: list,
+    pre: Preconditioner,
+    *,
+    num_data: int,
+    iters: int = 20,
+    max_batches: int = 8,
+) -> float:
+    """:math:`|\\lambda|_{\\max}(P A_1)`, :math:`A_1` the per-datum loss Hessian (power iteration
+    on Hessian-vector products averaged over ``max_batches`` batches). Unlike :math:`F`, the
+    Hessian sees the cross-curvature of directions the Fisher calls flat (e.g. a hidden unit's
+    input and output weights when the output weight is near 0), which ``P`` amplifies.
+    """
+    loss_fn = _loss_fn(model, collector, num_data)
+    loc = collector.loc
+    used = [tuple(b) for b in batches[:max_batches]]
+    gen = torch.Generator(device=loc.device).manual_seed(0)
+    v = torch.randn(loc.shape, generator=gen, device=loc.device, dtype=loc.dtype)
+    v = v / v.norm()
+    lam = 0.0
+    for _ in range(iters):
+        hv = torch.zeros_like(loc)
+        for batch in used:
+            (g,) = torch.autograd.grad(loss_fn(batch), loc, create_graph=True)
+            (h,) = torch.autograd.grad(g, loc, grad_outputs=v)
+            hv += h.detach() / (len(used) * num_data)
+        w = pre.apply(hv)
+        lam = float(w.norm())
+        if not math.isfinite(lam) or lam == 0:
+            break
+        v = w / lam
+    return lam
 
 
 class PreconditionedSGD(torch.optim.Optimizer):

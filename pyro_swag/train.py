@@ -41,6 +41,7 @@ from .precondition import (
     _check_kind,
     estimate_preconditioner,
     loc_name,
+    preconditioned_curvature,
     preconditioned_lr,
     swa_optimizer,
 )
@@ -133,6 +134,7 @@ def fit(
     checkpoint_every: int = 1,
     resume: bool = False,
     precondition: str | Preconditioner | None = None,
+    precondition_damping: float = 1e-3,
 ) -> FitResult:
     """Train ``collector`` on ``data`` with the SWAG recipe and return the SWAG posterior.
 
@@ -192,6 +194,10 @@ def fit(
         at ``swa_start`` over one epoch (:mod:`pyro_swag.precondition`), so the iterates'
         covariance has the posterior's shape; ``swa_lr`` is then the rate of the preconditioned
         step. Recorded in ``history["precondition"]`` and the checkpoint.
+    precondition_damping : float
+        Damping added to the curvature, relative to its mean diagonal: ``1e-3`` keeps the
+        posterior's shape on well-determined models; networks with more weights than data
+        (a rank-deficient Fisher) need ~0.3 to stay stable (see docs/calibration.md).
 
     Returns
     -------
@@ -222,6 +228,11 @@ def fit(
         raise ValueError(f"swa_lr must be a positive float or 'auto', got swa_lr={swa_lr!r}")
     pre = precondition if isinstance(precondition, Preconditioner) else None
     kind = pre.kind if pre else (precondition and _check_kind(precondition))
+    if not (isinstance(precondition_damping, (int, float)) and 0 < precondition_damping < math.inf):
+        raise ValueError(
+            f"precondition_damping must be a positive float (relative to the curvature's mean "
+            f"diagonal), got precondition_damping={precondition_damping!r}; try 1e-3"
+        )
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=PATH, the file to resume from")
     batches, n = _batches(data, batch_size, num_data)
@@ -259,6 +270,7 @@ def fit(
     }
     if kind:
         config["precondition"] = kind
+        config["precondition_damping"] = pre.damping if pre else float(precondition_damping)
     history: dict[str, Any] = {
         "epoch": [],
         "phase": [],
@@ -310,7 +322,12 @@ def fit(
                 if kind and pre is None:
                     epoch_batches = [_as_args(b) for b in batches]
                     pre = estimate_preconditioner(
-                        model, collector, epoch_batches, num_data=n, kind=kind
+                        model,
+                        collector,
+                        epoch_batches,
+                        num_data=n,
+                        kind=kind,
+                        damping=precondition_damping,
                     )
                 if history["swa_lr"] is None:
                     history["swa_lr"] = _auto_lr(model, collector, batches, n, swa_momentum, pre)
@@ -390,7 +407,10 @@ def _auto_lr(model, collector, batches, n, momentum: float, pre=None) -> float:
     batches = [_as_args(b) for b in batches]
     if pre is not None:
         size = int(batches[0][0].shape[0])
-        lr = preconditioned_lr(pre, num_data=n, batch_size=size, momentum=momentum)
+        lam = preconditioned_curvature(model, collector, batches, pre, num_data=n)
+        lr = preconditioned_lr(
+            pre, num_data=n, batch_size=size, momentum=momentum, max_curvature=lam
+        )
     else:
         lr = suggest_swa_lr(
             model, collector, batches, num_data=n, momentum=momentum, per_datum=True

@@ -10,6 +10,7 @@ from pyro_swag import SWAGCollector
 from pyro_swag.precondition import (
     PreconditionedSGD,
     estimate_preconditioner,
+    preconditioned_curvature,
     preconditioned_lr,
 )
 from pyro_swag.train import fit
@@ -68,6 +69,28 @@ def test_curvature_is_fisher_plus_prior_over_n(kind):
     expected = torch.trace(torch.linalg.solve(pre.curvature(), centred.T @ centred)) / (N - 1)
     assert pre.noise_trace == pytest.approx(float(expected), rel=1e-4)
     assert torch.equal(collector.loc.detach(), point)
+
+
+def test_rates_and_stability_cap_against_closed_forms():
+    x, y = make_data()
+    collector = at_point(x, y, torch.tensor([0.9, -0.4, 0.35]))
+    epoch = [(x[i], y[i]) for i in torch.randperm(N).split(B)]
+    pre = estimate_preconditioner(model, collector, epoch, num_data=N, kind="diag")
+    hessian = (torch.eye(D) / PRIOR**2 + x.T @ x / SIGMA**2) / N  # per-datum, exact
+    lam = preconditioned_curvature(
+        model, collector, epoch, pre, num_data=N, iters=50, max_batches=10
+    )
+    exact = torch.linalg.eigvals(torch.diag(1 / pre.factor) @ hessian).real.max()
+    assert lam == pytest.approx(float(exact), rel=1e-3)
+    finite = (N - B) / (N - 1)
+    matched = preconditioned_lr(pre, num_data=N, batch_size=B, momentum=0.5)
+    assert matched == pytest.approx(2 * B * 0.5 / (N * finite))
+    kl = preconditioned_lr(pre, num_data=N, batch_size=B, rule="kl")
+    assert kl == pytest.approx(2 * D * B / (N * finite * pre.noise_trace))
+    capped = preconditioned_lr(pre, num_data=N, batch_size=B, max_curvature=100.0)
+    assert capped == pytest.approx(0.5 * 2 / 100.0)
+    with pytest.raises(ValueError, match="rule must be 'matched' or 'kl'"):
+        preconditioned_lr(pre, num_data=N, batch_size=B, rule="mandt")
 
 
 def test_optimizer_step_is_preconditioned_heavy_ball():
@@ -168,6 +191,8 @@ def test_errors(monkeypatch):
     kw = dict(epochs=4, swa_start=1, swa_lr=0.1, batch_size=B, quiet=True)
     with pytest.raises(ValueError, match="precondition must be None, 'diag' or 'full'"):
         fit(model, SWAGCollector(model), (x, y), precondition="kfac", **kw)
+    with pytest.raises(ValueError, match="precondition_damping must be a positive"):
+        fit(model, SWAGCollector(model), (x, y), precondition="full", precondition_damping=-1, **kw)
     collector = at_point(x, y, torch.zeros(D))
     with pytest.raises(ValueError, match="damping must be a positive"):
         estimate_preconditioner(model, collector, [(x, y)], num_data=N, damping=0.0)
