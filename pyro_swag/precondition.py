@@ -25,13 +25,18 @@ multiplying the equation by :math:`P^{-1}` and taking the trace gives
     = \frac{2(1-\mu) D B}{N \frac{N-B}{N-1}\operatorname{Tr}(P \hat C)},
 
 (:math:`\mu` the heavy-ball momentum), which reduces to :func:`pyro_swag.lr.suggest_swa_lr`
-at :math:`P = I` and to :math:`2B(1-\mu)/N` when :math:`P^{-1} = C`.
+at :math:`P = I` and to the *matched* rate :math:`2B(1-\mu)/(N\frac{N-B}{N-1})` when
+:math:`P^{-1} = C`. :func:`preconditioned_lr` returns the matched rate by default (the KL
+rate over-widens when the Fisher is rank-deficient), capped by
+:math:`|\lambda|_{\max}(P A_1)` from :func:`preconditioned_curvature`.
 
 :math:`A_1` is estimated at the pre-trained point as :math:`F + H_0/N + \delta I`: the
 empirical Fisher :math:`F = \frac1n\sum_i g_i g_i^\top` of the per-example log-likelihood
 gradients over one epoch, the Hessian :math:`H_0` of the negative log prior (with the
 unconstrained transform's Jacobian) from Hessian-vector products, and a damping
-:math:`\delta` = ``damping`` × the mean diagonal. ``"full"`` keeps the Cholesky factor of
+:math:`\delta` = ``damping`` × the mean diagonal (``1e-3`` suits models the data inform in
+every direction; networks with fewer examples than weights need ~0.3, see
+docs/calibration.md). ``"full"`` keeps the Cholesky factor of
 :math:`A_1` (``P g`` is a triangular solve); ``"diag"`` keeps its diagonal.
 """
 

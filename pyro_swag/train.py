@@ -33,6 +33,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from tqdm.auto import tqdm
 
+from . import _checkpoint
 from ._minibatch import _accepts, _as_args, _batches, _check_scaling, _TensorBatches
 from .autoguide import SWAGCollector, SWAGGuide
 from .lr import suggest_swa_lr
@@ -47,8 +48,6 @@ from .precondition import (
 )
 
 __all__ = ["FitResult", "fit"]
-
-_FORMAT = "pyro_swag.fit/1"
 
 
 class FitResult(NamedTuple):
@@ -282,26 +281,9 @@ def fit(
     }
     start, swa_steps, swa_state = 0, 0, None
     if resume and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, weights_only=True, map_location=collector.loc.device)
-        if state.get("format") != _FORMAT or state["config"] != config:
-            raise ValueError(
-                f"checkpoint {os.fspath(checkpoint)!r} was written with {state.get('config')}, "
-                f"not {config}; resume with the same arguments or delete the file"
-            )
-        collector.load_state_dict(state["collector"])
-        store = dict(pyro.get_param_store().named_parameters())
-        with torch.no_grad():
-            for name, value in state["params"].items():
-                store[name].copy_(value)
-        optim.set_state(state["optim"])
-        swa_state = state["swa_optim"]
-        if state.get("precondition") is not None:
-            pre = Preconditioner.from_state_dict(state["precondition"])
-        history = state["history"]
-        start, swa_steps = state["epoch"], state["swa_steps"]
-        torch.set_rng_state(state["rng"].cpu())
-        if torch.cuda.is_available() and state.get("cuda_rng"):
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        got = _checkpoint.restore(checkpoint, config, collector, optim)
+        swa_state, history = got["swa_state"], got["history"]
+        start, swa_steps, pre = got["epoch"], got["swa_steps"], got["pre"] or pre
 
     def scaled(fn):
         return poutine.scale(fn, scale=1.0 / n)
@@ -351,6 +333,7 @@ def fit(
                     raise RuntimeError(
                         f"the loss became {loss} in epoch {epoch} (phase "
                         f"{'swa' if swa else 'pretrain'}); lower the learning rate or set clip_norm"
+                        + (" or raise precondition_damping (e.g. 0.3)" if swa and pre else "")
                     )
                 total, count = total + loss, count + 1
                 if swa and collect_every_steps:
@@ -381,7 +364,7 @@ def fit(
             )
             done = epoch + 1
             if checkpoint is not None and (done % checkpoint_every == 0 or done == epochs):
-                _save(
+                _checkpoint.save(
                     checkpoint, config, done, swa_steps, collector, optim, swa_optim, history, pre
                 )
             if callback is not None and callback(epoch, history) is True:
@@ -419,23 +402,3 @@ def _auto_lr(model, collector, batches, n, momentum: float, pre=None) -> float:
     if not 0 < lr < math.inf:
         raise RuntimeError(f"suggest_swa_lr returned {lr}; pass swa_lr explicitly")
     return lr
-
-
-def _save(path, config, epoch, swa_steps, collector, optim, swa_optim, history, pre) -> None:
-    state = {
-        "format": _FORMAT,
-        "config": config,
-        "epoch": epoch,
-        "swa_steps": swa_steps,
-        "collector": collector.state_dict(),
-        "params": {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()},
-        "optim": optim.get_state(),
-        "swa_optim": None if swa_optim is None else swa_optim.get_state(),
-        "history": history,
-        "precondition": None if pre is None else pre.state_dict(),
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    tmp = f"{os.fspath(path)}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)

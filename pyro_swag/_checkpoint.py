@@ -1,0 +1,65 @@
+"""Checkpoint file of :func:`pyro_swag.train.fit`: write atomically, read back and restore."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pyro
+import torch
+
+from .precondition import Preconditioner
+
+FORMAT = "pyro_swag.fit/1"
+
+
+def save(path, config, epoch, swa_steps, collector, optim, swa_optim, history, pre) -> None:
+    """Write the training state to ``path`` (via a temporary file and ``os.replace``)."""
+    state = {
+        "format": FORMAT,
+        "config": config,
+        "epoch": epoch,
+        "swa_steps": swa_steps,
+        "collector": collector.state_dict(),
+        "params": {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()},
+        "optim": optim.get_state(),
+        "swa_optim": None if swa_optim is None else swa_optim.get_state(),
+        "history": history,
+        "precondition": None if pre is None else pre.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def restore(path, config: dict, collector, optim) -> dict[str, Any]:
+    """Load ``path`` into the collector, param store, optimiser and RNGs; return the rest.
+
+    Returns a dict with ``swa_state``, ``pre`` (a :class:`Preconditioner` or ``None``),
+    ``history``, ``epoch`` and ``swa_steps``.
+    """
+    state = torch.load(path, weights_only=True, map_location=collector.loc.device)
+    if state.get("format") != FORMAT or state["config"] != config:
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} was written with {state.get('config')}, "
+            f"not {config}; resume with the same arguments or delete the file"
+        )
+    collector.load_state_dict(state["collector"])
+    store = dict(pyro.get_param_store().named_parameters())
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            store[name].copy_(value)
+    optim.set_state(state["optim"])
+    torch.set_rng_state(state["rng"].cpu())
+    if torch.cuda.is_available() and state.get("cuda_rng"):
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+    pre = state.get("precondition")
+    return {
+        "swa_state": state["swa_optim"],
+        "pre": None if pre is None else Preconditioner.from_state_dict(pre),
+        "history": state["history"],
+        "epoch": state["epoch"],
+        "swa_steps": state["swa_steps"],
+    }
