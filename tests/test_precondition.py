@@ -1,5 +1,9 @@
 """Preconditioned SWA phase against closed forms on a conjugate linear regression."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -204,3 +208,15 @@ def test_errors(monkeypatch):
     pre = estimate_preconditioner(model, collector, [(x, y)], num_data=N, kind="diag")
     with pytest.raises(RuntimeError, match="batch size smaller than the data"):
         preconditioned_lr(pre, num_data=N, batch_size=N)
+
+
+def test_example_smoke():
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "examples" / "precondition.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "precondition='full'" in out and "precondition=None" in out
