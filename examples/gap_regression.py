@@ -1,8 +1,11 @@
 """1-D regression with a gap in the inputs: a 1x50 Bayesian MLP trained with ``pyro_swag.fit``.
 
-Inputs lie in [-1, -0.3] U [0.3, 1]; the script reports the mean width of the 95 % predictive
-interval inside the gap and over the data, the coverage of held-out in-range points, and
-writes ``gap_regression.png`` into ``--out``.
+Inputs lie in [-1, -0.3] U [0.3, 1], y = cos(4x) + 0.05 eps; the model is a 1x50 ReLU
+``BayesianMLP`` (N(0, 1) priors, learned noise precision). The script fits SWAG (one run) or
+MultiSWAG (``--runs R`` independent ``fit`` runs), reports the mean width of the 95 %
+predictive interval inside the gap and over the data, their ratio and the coverage of held-out
+in-range points, and writes ``gap_regression.png`` into ``--out``, with the exact posterior's
+band (NUTS, cached in ``benchmarks/results/gap_nuts.json``; ``--nuts`` recomputes it, slow).
 
     python examples/gap_regression.py --out docs/img
     python examples/gap_regression.py --smoke --out /tmp/gap
@@ -11,6 +14,8 @@ writes ``gap_regression.png`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import time
 from pathlib import Path
 
@@ -20,11 +25,17 @@ from pyro.infer import Predictive
 
 from pyro_swag import SWAGCollector
 from pyro_swag.models import BayesianMLP
+from pyro_swag.multiswag import fit_runs
 from pyro_swag.train import fit
 
+NOISE = 0.05
+ACTIVATION = "relu"
+NUTS_CACHE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gap_nuts.json"
+GRID = torch.linspace(-1.2, 1.2, 241)
 
-def gap_data(n: int, seed: int, noise: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` points with x uniform on [-1, -0.3] U [0.3, 1], y = cos(4x) + noise."""
+
+def gap_data(n: int, seed: int, noise: float = NOISE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` points with x uniform on [-1, -0.3] U [0.3, 1], y = cos(4x) + noise * eps."""
     g = torch.Generator().manual_seed(seed)
     u = torch.rand(n, generator=g) * 1.4 - 0.7
     x = torch.where(u < 0, u - 0.3, u + 0.3)
@@ -32,58 +43,149 @@ def gap_data(n: int, seed: int, noise: float = 0.1) -> tuple[torch.Tensor, torch
     return x[:, None], y
 
 
-def run(seed: int = 0, epochs: int = 200, swa_start: int = 100, swa_lr: float = 3e-3,
-        num_samples: int = 200, quiet: bool = True) -> dict:
-    """Fit and evaluate; returns widths, coverage, the guide and plot data."""
+def make_model(activation: str = ACTIVATION) -> BayesianMLP:
+    """The 1x50 network: N(0, 1) priors, noise precision ~ Gamma(1, 0.01)."""
+    return BayesianMLP(1, 1, hidden=(50,), activation=activation)
+
+
+def fit_one(seed: int, x: torch.Tensor, y: torch.Tensor, *, epochs: int, swa_start: int,
+            swa_lr: float | str, lr: float = 0.01, batch_size: int = 20,
+            activation: str = ACTIVATION, quiet: bool | None = True, **fit_kw):
+    """One SWAG run: Adam(``lr``) pre-training, then SGD at ``swa_lr``; returns the guide."""
     pyro.clear_param_store()
-    x, y = gap_data(100, seed)
-    x_test, y_test = gap_data(200, seed + 1000)
-    model = BayesianMLP(1, 1, hidden=(50,))  # learned noise precision
+    model = make_model(activation)
     collector = SWAGCollector(model, rank=20)
-    t0 = time.perf_counter()
     guide, history = fit(
         model, collector, (x, y), epochs=epochs, swa_start=swa_start, swa_lr=swa_lr,
-        batch_size=20, optim=pyro.optim.Adam({"lr": 0.03}), seed=seed, quiet=quiet,
+        batch_size=batch_size, optim=pyro.optim.Adam({"lr": lr}), seed=seed, quiet=quiet,
+        **fit_kw,
     )
+    guide.history = history
+    return guide
+
+
+def interval_widths(draws: torch.Tensor, grid: torch.Tensor) -> tuple[float, float]:
+    """Mean 95 % interval width of ``draws`` (S, len(grid)) in the gap and over the data."""
+    width = draws.quantile(0.975, 0) - draws.quantile(0.025, 0)
+    in_gap = grid.abs() < 0.3
+    on_data = (grid.abs() >= 0.3) & (grid.abs() <= 1.0)
+    return width[in_gap].mean().item(), width[on_data].mean().item()
+
+
+def run(seed: int = 0, runs: int = 1, epochs: int = 400, swa_start: int = 300,
+        swa_lr: float | str = 2.5e-4, num_samples: int = 400, quiet: bool | None = True,
+        processes: int = 1, activation: str = ACTIVATION, **fit_kw) -> dict:
+    """Fit SWAG (``runs=1``) or MultiSWAG on the data of ``seed`` and evaluate it.
+
+    Returns the widths in the gap and over the data, the held-out in-range coverage, the
+    guide and the predictive draws on :data:`GRID` for the plot.
+    """
+    x, y = gap_data(100, seed)
+    x_test, y_test = gap_data(200, seed + 1000)
+    fit_run = functools.partial(fit_one, x=x, y=y, epochs=epochs, swa_start=swa_start,
+                                swa_lr=swa_lr, activation=activation, quiet=quiet, **fit_kw)
+    t0 = time.perf_counter()
+    if runs == 1:
+        guide = fit_run(seed)
+        model = guide.model
+    else:
+        model = make_model(activation)
+        guide = fit_runs(fit_run, [100 * seed + r for r in range(runs)], model=model,
+                         processes=processes, progress=not quiet)
     seconds = time.perf_counter() - t0
-    grid = torch.linspace(-1.2, 1.2, 241)[:, None]
-    predictive = Predictive(model, guide=guide, num_samples=num_samples)
+    pyro.set_rng_seed(seed)
     with torch.no_grad():
-        draws = predictive(torch.cat([grid, x_test]))["obs"]
-    lo, hi = draws.quantile(0.025, 0), draws.quantile(0.975, 0)
-    g = grid[:, 0]
-    width = (hi - lo)[: len(g)]
-    in_gap = g.abs() < 0.3
-    on_data = (g.abs() >= 0.3) & (g.abs() <= 1.0)
-    lo_t, hi_t = lo[len(g):], hi[len(g):]
+        draws = Predictive(model, guide=guide, num_samples=num_samples)(
+            torch.cat([GRID[:, None], x_test]))["obs"]
+    grid_draws, test_draws = draws[:, : len(GRID)], draws[:, len(GRID):]
+    gap_width, data_width = interval_widths(grid_draws, GRID)
+    lo, hi = test_draws.quantile(0.025, 0), test_draws.quantile(0.975, 0)
     return {
-        "gap_width": width[in_gap].mean().item(),
-        "data_width": width[on_data].mean().item(),
-        "coverage": ((y_test >= lo_t) & (y_test <= hi_t)).float().mean().item(),
+        "gap_width": gap_width,
+        "data_width": data_width,
+        "ratio": gap_width / data_width,
+        "coverage": ((y_test >= lo) & (y_test <= hi)).float().mean().item(),
         "seconds": seconds,
-        "history": history,
-        "plot": (x, y, g, draws[:, : len(g)]),
+        "guide": guide,
+        "model": model,
+        "plot": (x, y, grid_draws),
     }
 
 
-def plot(result: dict, path: Path) -> None:
+def nuts_samples(seed: int = 0, warmup: int = 200, num_samples: int = 200,
+                 map_steps: int = 3000) -> dict:
+    """Exact-posterior reference: Pyro NUTS (tree depth 8) on the data of ``seed``.
+
+    Started at a MAP point (``map_steps`` full-batch Adam(0.01) steps on a
+    :class:`~pyro_swag.SWAGCollector` from the network's init). Slow: about 15-30 min.
+    """
+    from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+    from pyro.infer.autoguide.initialization import init_to_value
+    from torch.distributions import biject_to
+
+    pyro.set_rng_seed(seed)
+    pyro.clear_param_store()
+    x, y = gap_data(100, seed)
+    model = make_model()
+    collector = SWAGCollector(model, rank=2, init_loc_fn=model.init_loc_fn())
+    svi = SVI(model, collector, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    for _ in range(map_steps):
+        svi.step(x, y)
+    init = {site["name"]: biject_to(site["fn"].support)(value)
+            for site, value in collector._unpack_latent(collector.loc.detach())}
+    kernel = NUTS(model, max_tree_depth=8, jit_compile=True, ignore_jit_warnings=True,
+                  init_strategy=init_to_value(values=init))
+    mcmc = MCMC(kernel, warmup_steps=warmup, num_samples=num_samples)
+    mcmc.run(x, y)
+    return {k: v.detach() for k, v in mcmc.get_samples().items()}
+
+
+def summarize_nuts(samples: dict, seed: int = 0) -> dict:
+    """Widths, ratio, coverage and the 95 % band on :data:`GRID` of NUTS ``samples``."""
+    model = make_model()
+    x_test, y_test = gap_data(200, seed + 1000)
+    pyro.set_rng_seed(seed)
+    with torch.no_grad():
+        draws = Predictive(model, posterior_samples=samples)(
+            torch.cat([GRID[:, None], x_test]))["obs"]
+    gap_width, data_width = interval_widths(draws[:, : len(GRID)], GRID)
+    lo, hi = draws.quantile(0.025, 0), draws.quantile(0.975, 0)
+    n = len(GRID)
+    return {
+        "gap_width": gap_width, "data_width": data_width, "ratio": gap_width / data_width,
+        "coverage": ((y_test >= lo[n:]) & (y_test <= hi[n:])).float().mean().item(),
+        "noise_sd": samples["precision"].rsqrt().mean().item(), "num_draws": draws.shape[0],
+        "lo": lo[:n].tolist(), "hi": hi[:n].tolist(),
+    }
+
+
+def load_nuts(path: Path = NUTS_CACHE) -> dict | None:
+    """The cached NUTS reference (widths, band on :data:`GRID`), or ``None``."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def plot(result: dict, path: Path, nuts: dict | None = None, label: str = "SWAG") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x, y, g, draws = result["plot"]
+    x, y, draws = result["plot"]
+    g = GRID
     lo, hi = draws.quantile(0.025, 0), draws.quantile(0.975, 0)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
     ax.axvspan(-0.3, 0.3, color="0.92", label="gap (no data)")
-    ax.fill_between(g, lo, hi, alpha=0.35, label="SWAG 95% predictive interval")
-    ax.plot(g, draws.mean(0), lw=1.5, label="predictive mean")
-    ax.plot(g, torch.cos(4 * g), "k--", lw=1, label="truth")
+    if nuts is not None:
+        ax.plot(g, nuts["lo"], "C3-", lw=1, label=f"NUTS 95% (ratio {nuts['ratio']:.2f})")
+        ax.plot(g, nuts["hi"], "C3-", lw=1)
+    ax.fill_between(g, lo, hi, alpha=0.35, label=f"{label} 95% (ratio {result['ratio']:.2f})")
+    ax.plot(g, draws.mean(0), lw=1.5, label=f"{label} predictive mean")
+    ax.plot(g, torch.cos(4 * g), "k--", lw=1, label="truth cos(4x)")
     ax.scatter(x[:, 0], y, s=8, c="k", label="training data")
-    ax.set(xlabel="x", ylabel="y", title=(
-        f"gap width / data width = {result['gap_width'] / result['data_width']:.2f}, "
-        f"coverage = {result['coverage']:.2f}"))
-    ax.legend(fontsize=7, loc="lower center")
+    ax.set(xlabel="x", ylabel="y", ylim=(-1.8, 1.8), title=(
+        f"{label}: interval width gap / data = {result['ratio']:.2f}, "
+        f"held-out coverage = {result['coverage']:.2f}"))
+    ax.legend(fontsize=7, loc="lower center", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -93,17 +195,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for the PNG")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", type=int, default=1, help="independent SWAG runs (MultiSWAG)")
+    parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="tiny run (< 20 s)")
+    parser.add_argument("--nuts", action="store_true",
+                        help=f"recompute the NUTS reference into {NUTS_CACHE.name} (slow)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.nuts:
+        NUTS_CACHE.write_text(json.dumps(summarize_nuts(nuts_samples(args.seed), args.seed)))
     sizes = dict(epochs=12, swa_start=6, num_samples=30) if args.smoke else {}
-    result = run(seed=args.seed, quiet=True if args.smoke else None, **sizes)
+    result = run(seed=args.seed, runs=args.runs, processes=args.processes,
+                 quiet=True if args.smoke else None, **sizes)
+    nuts = load_nuts() if args.seed == 0 else None
+    label = "SWAG" if args.runs == 1 else f"MultiSWAG x{args.runs}"
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(result, args.out / "gap_regression.png")
-    ratio = result["gap_width"] / result["data_width"]
-    print(f"95% interval width: gap {result['gap_width']:.3f}, data {result['data_width']:.3f}")
-    print(f"gap width / data width = {ratio:.2f}")
+    plot(result, args.out / "gap_regression.png", nuts, label)
+    print(f"{label}: 95% interval width: gap {result['gap_width']:.3f}, "
+          f"data {result['data_width']:.3f}")
+    print(f"gap width / data width = {result['ratio']:.2f}")
     print(f"held-out in-range coverage = {result['coverage']:.3f}")
+    if nuts is not None:
+        print(f"NUTS (cached): gap {nuts['gap_width']:.3f}, data {nuts['data_width']:.3f}, "
+              f"ratio {nuts['ratio']:.2f}, coverage {nuts['coverage']:.3f}")
     print(f"fit took {result['seconds']:.1f} s; wrote {args.out / 'gap_regression.png'}")
 
 
