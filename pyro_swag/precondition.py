@@ -43,138 +43,33 @@ docs/calibration.md). ``"full"`` keeps the Cholesky factor of
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
 
 import pyro
 import torch
-from pyro import poutine
 from pyro.optim.optim import normalize_param_name
 from torch.optim.swa_utils import SWALR
 
-from .lr import _loss_fn, _per_example_grads
+from ._curvature import (
+    Preconditioner,
+    _curvature_parts,
+    _factor,
+    _validate,
+)
+from .lr import _loss_fn
 
 __all__ = [
     "Preconditioner",
     "PreconditionedSGD",
+    "choose_preconditioner",
     "estimate_preconditioner",
     "preconditioned_curvature",
     "preconditioned_lr",
 ]
 
-KINDS = ("diag", "full")
-MAX_DENSE = 4096
-
-
-@dataclass
-class Preconditioner:
-    """:math:`P = A_1^{-1}`, from a per-datum curvature estimate :math:`A_1`.
-
-    Attributes
-    ----------
-    kind : {"diag", "full"}
-    factor : torch.Tensor
-        ``"diag"``: the diagonal of :math:`A_1`, shape (D,); ``"full"``: the lower Cholesky
-        factor of :math:`A_1`, shape (D, D).
-    damping : float
-        The absolute damping :math:`\\delta` added to the diagonal.
-    noise_trace : float
-        :math:`\\operatorname{Tr}(P\\hat C)` of the per-example gradients it was built from
-        (``nan`` when unknown).
-    num_examples : int
-        Examples the Fisher estimate used.
-    """
-
-    kind: str
-    factor: torch.Tensor
-    damping: float
-    noise_trace: float = math.nan
-    num_examples: int = 0
-
-    @property
-    def dim(self) -> int:
-        return self.factor.shape[0]
-
-    def apply(self, g: torch.Tensor) -> torch.Tensor:
-        """:math:`P g` for a flat gradient (or a batch of them in the last dimension)."""
-        if self.kind == "diag":
-            return g / self.factor
-        rhs = g.reshape(-1, self.dim).T
-        return torch.cholesky_solve(rhs, self.factor).T.reshape(g.shape)
-
-    def curvature(self) -> torch.Tensor:
-        """The dense :math:`A_1` (for tests and diagnostics)."""
-        if self.kind == "diag":
-            return torch.diag(self.factor)
-        return self.factor @ self.factor.T
-
-    def trace(self, centred: torch.Tensor) -> float:
-        """:math:`\\operatorname{Tr}(P \\hat C)`, :math:`\\hat C` the covariance of the rows."""
-        quad = (centred * self.apply(centred)).sum()
-        return float(quad) / max(centred.shape[0] - 1, 1)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "factor": self.factor,
-            "damping": self.damping,
-            "noise_trace": self.noise_trace,
-            "num_examples": self.num_examples,
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> Preconditioner:
-        return cls(**state)
-
-
-def _check_kind(kind) -> str:
-    if kind not in KINDS:
-        raise ValueError(
-            f"precondition must be None, 'diag' or 'full' (or a Preconditioner), got "
-            f"precondition={kind!r}"
-        )
-    return kind
-
-
-def _neg_log_prior(model, collector, batch, num_data) -> torch.Tensor:
-    """:math:`-\\log p(\\theta)` of the unconstrained latent (prior + Jacobian), unscaled."""
-    guide_tr = poutine.trace(collector).get_trace(*batch, num_data=num_data)
-    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
-        *batch, num_data=num_data
-    )
-    latent = model_tr.log_prob_sum(lambda name, site: not site["is_observed"])
-    return guide_tr.log_prob_sum() - latent
-
-
-def _prior_hessian(model, collector, batch, num_data, kind: str, probes: int = 16):
-    """Dense Hessian (D, D), or its diagonal (exact up to MAX_DENSE, else Hutchinson)."""
-    loc = collector.loc
-    dim = loc.numel()
-    (grad,) = torch.autograd.grad(
-        _neg_log_prior(model, collector, batch, num_data), loc, create_graph=True
-    )
-    if not grad.requires_grad:  # the prior is flat or linear in loc
-        zeros = torch.zeros(dim, dtype=loc.dtype, device=loc.device)
-        return zeros if kind == "diag" else torch.diag(zeros)
-    if dim > MAX_DENSE:
-        gen = torch.Generator(device=loc.device).manual_seed(0)
-        est = torch.zeros_like(loc)
-        for _ in range(probes):
-            v = torch.randint(0, 2, loc.shape, generator=gen, device=loc.device) * 2.0 - 1.0
-            v = v.to(loc.dtype)
-            (hv,) = torch.autograd.grad(grad, loc, grad_outputs=v, retain_graph=True)
-            est += v * hv / probes
-        return est.detach()
-    rows = []
-    eye = torch.eye(dim, dtype=loc.dtype, device=loc.device)
-    for chunk in eye.split(256):
-        (h,) = torch.autograd.grad(
-            grad, loc, grad_outputs=chunk, retain_graph=True, is_grads_batched=True
-        )
-        rows.append(h.detach() if kind == "full" else (h * chunk).sum(-1).detach())
-    out = torch.cat(rows)
-    return 0.5 * (out + out.T) if kind == "full" else out
+#: Relative dampings tried by ``damping="auto"``, smallest first.
+DAMPING_LADDER = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 def estimate_preconditioner(
@@ -208,57 +103,52 @@ def estimate_preconditioner(
     -------
     Preconditioner
     """
-    _check_kind(kind)
-    if not (isinstance(num_data, int) and num_data > 0):
-        raise ValueError(f"num_data must be a positive int (the full data size), got {num_data!r}")
-    if not (isinstance(damping, (int, float)) and 0 < damping < math.inf):
-        raise ValueError(f"damping must be a positive float, got damping={damping!r}")
-    if getattr(collector, "prototype_trace", None) is None:
-        raise RuntimeError(
-            "the collector is not set up: call collector(*batch, num_data=N) or svi.step once first"
-        )
-    dim = collector.loc.numel()
-    if kind == "full" and dim > MAX_DENSE:
-        raise ValueError(
-            f"precondition='full' needs a dense {dim}x{dim} matrix (latent dimension {dim} > "
-            f"{MAX_DENSE}); use precondition='diag'"
-        )
-    batches = [b if isinstance(b, (tuple, list)) else (b,) for b in batches]
-    if not batches:
-        raise ValueError("batches is empty; pass one epoch of minibatches")
-    grads = []
-    for batch in batches:
-        g = _per_example_grads(model, collector, tuple(batch), num_data)
+    _validate(collector, num_data, kind, damping)
+    g, prior = _curvature_parts(model, collector, batches, num_data, kind)
+    return _factor(kind, g, prior, damping)
+
+
+def choose_preconditioner(
+    model: Callable,
+    collector,
+    batches: list,
+    *,
+    num_data: int,
+    kind: str,
+    batch_size: int,
+    momentum: float = 0.0,
+    damping: float | str = "auto",
+    lr: float | None = None,
+    limit: float = 1.0,
+) -> Preconditioner:
+    """The preconditioner ``fit`` uses: a given ``damping``, or the smallest of
+    :data:`DAMPING_LADDER` whose effective preconditioned step stays below ``limit``,
+    :math:`\\frac{\\epsilon}{1-\\mu}|\\lambda|_{\\max}(P A_1) \\le` ``limit``, with
+    :math:`\\epsilon` = ``lr`` (default: the matched rate). Records
+    :math:`|\\lambda|_{\\max}(P A_1)` as ``max_curvature``.
+    """
+    auto = damping == "auto"
+    ladder = DAMPING_LADDER if auto else (damping,)
+    if lr is None:
+        finite = (num_data - batch_size) / max(num_data - 1, 1)
+        lr = 2.0 * (1.0 - momentum) * batch_size / (num_data * max(finite, 1e-12))
+    g = prior = None
+    for d in ladder:
         if g is None:
-            raise RuntimeError(
-                "precondition needs per-example gradients, but an observed site's log-density "
-                "is not indexed by the batch's first dimension; use precondition=None"
-            )
-        grads.append(g)
-    g = torch.cat(grads)
-    n = g.shape[0]
-    prior = _prior_hessian(model, collector, tuple(batches[0]), num_data, kind) / num_data
-    if kind == "diag":
-        curv = g.pow(2).mean(0) + prior
-        delta = damping * float(curv.mean().clamp_min(1e-30))
-        factor = curv.clamp_min(0) + delta
-    else:
-        curv = g.T @ g / n + prior
-        delta = damping * float(curv.diagonal().mean().clamp_min(1e-30))
-        eye = torch.eye(dim, dtype=g.dtype, device=g.device)
-        for _ in range(8):  # the prior's Hessian may be indefinite: raise the damping
-            factor, info = torch.linalg.cholesky_ex(curv + delta * eye)
-            if int(info) == 0:
-                break
-            delta *= 10.0
-        else:
-            raise RuntimeError("could not factor the curvature estimate; use precondition='diag'")
-    if not torch.isfinite(factor).all():
-        raise RuntimeError(
-            "non-finite curvature estimate at the collector's point; pre-train first"
+            _validate(collector, num_data, kind, d)
+            g, prior = _curvature_parts(model, collector, batches, num_data, kind)
+        pre = _factor(kind, g, prior, d)
+        pre.max_curvature = preconditioned_curvature(
+            model, collector, batches, pre, num_data=num_data
         )
-    pre = Preconditioner(kind, factor.detach(), delta, num_examples=n)
-    pre.noise_trace = pre.trace(g - g.mean(0))
+        if not auto or lr * pre.max_curvature / (1.0 - momentum) <= limit:
+            return pre
+    warnings.warn(
+        f"precondition_damping='auto': even damping {ladder[-1]} leaves the effective step "
+        f"{lr * pre.max_curvature / (1.0 - momentum):.3g} above {limit}; the rate is capped, "
+        f"but watch the loss (or use precondition=None)",
+        stacklevel=3,
+    )
     return pre
 
 

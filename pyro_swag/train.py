@@ -34,13 +34,13 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from tqdm.auto import tqdm
 
 from . import _checkpoint
+from ._curvature import _check_kind
 from ._minibatch import _accepts, _as_args, _batches, _check_scaling, _TensorBatches
 from .autoguide import SWAGCollector, SWAGGuide
 from .lr import suggest_swa_lr
 from .precondition import (
     Preconditioner,
-    _check_kind,
-    estimate_preconditioner,
+    choose_preconditioner,
     loc_name,
     preconditioned_curvature,
     preconditioned_lr,
@@ -133,7 +133,7 @@ def fit(
     checkpoint_every: int = 1,
     resume: bool = False,
     precondition: str | Preconditioner | None = None,
-    precondition_damping: float = 1e-3,
+    precondition_damping: float | str = "auto",
 ) -> FitResult:
     """Train ``collector`` on ``data`` with the SWAG recipe and return the SWAG posterior.
 
@@ -193,10 +193,12 @@ def fit(
         at ``swa_start`` over one epoch (:mod:`pyro_swag.precondition`), so the iterates'
         covariance has the posterior's shape; ``swa_lr`` is then the rate of the preconditioned
         step. Recorded in ``history["precondition"]`` and the checkpoint.
-    precondition_damping : float
-        Damping added to the curvature, relative to its mean diagonal: ``1e-3`` keeps the
-        posterior's shape on well-determined models; networks with more weights than data
-        (a rank-deficient Fisher) need ~0.3 to stay stable (see docs/calibration.md).
+    precondition_damping : float or "auto"
+        Damping added to the curvature, relative to its mean diagonal. ``"auto"``: the
+        smallest of ``1e-3, 1e-2, 0.1, 0.3, 1, 3, 10`` whose effective step
+        :math:`\\epsilon |\\lambda|_{\\max}(P A_1)/(1-\\mu) \\le 1`
+        (:func:`pyro_swag.precondition.choose_preconditioner`): ``1e-3`` on well-determined
+        models, larger for networks with a rank-deficient Fisher (see docs/calibration.md).
 
     Returns
     -------
@@ -227,10 +229,12 @@ def fit(
         raise ValueError(f"swa_lr must be a positive float or 'auto', got swa_lr={swa_lr!r}")
     pre = precondition if isinstance(precondition, Preconditioner) else None
     kind = pre.kind if pre else (precondition and _check_kind(precondition))
-    if not (isinstance(precondition_damping, (int, float)) and 0 < precondition_damping < math.inf):
+    if precondition_damping != "auto" and not (
+        isinstance(precondition_damping, (int, float)) and 0 < precondition_damping < math.inf
+    ):
         raise ValueError(
             f"precondition_damping must be a positive float (relative to the curvature's mean "
-            f"diagonal), got precondition_damping={precondition_damping!r}; try 1e-3"
+            f"diagonal) or 'auto', got precondition_damping={precondition_damping!r}; try 'auto'"
         )
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=PATH, the file to resume from")
@@ -269,7 +273,7 @@ def fit(
     }
     if kind:
         config["precondition"] = kind
-        config["precondition_damping"] = pre.damping if pre else float(precondition_damping)
+        config["precondition_damping"] = pre.damping if pre else precondition_damping
     history: dict[str, Any] = {
         "epoch": [],
         "phase": [],
@@ -303,13 +307,16 @@ def fit(
             if swa and swa_optim is None:
                 if kind and pre is None:
                     epoch_batches = [_as_args(b) for b in batches]
-                    pre = estimate_preconditioner(
+                    pre = choose_preconditioner(
                         model,
                         collector,
                         epoch_batches,
                         num_data=n,
                         kind=kind,
+                        batch_size=int(epoch_batches[0][0].shape[0]),
+                        momentum=swa_momentum,
                         damping=precondition_damping,
+                        lr=history["swa_lr"],
                     )
                 if history["swa_lr"] is None:
                     history["swa_lr"] = _auto_lr(model, collector, batches, n, swa_momentum, pre)
@@ -333,7 +340,7 @@ def fit(
                     raise RuntimeError(
                         f"the loss became {loss} in epoch {epoch} (phase "
                         f"{'swa' if swa else 'pretrain'}); lower the learning rate or set clip_norm"
-                        + (" or raise precondition_damping (e.g. 0.3)" if swa and pre else "")
+                        + (" or raise precondition_damping" if swa and pre else "")
                     )
                 total, count = total + loss, count + 1
                 if swa and collect_every_steps:
@@ -390,7 +397,9 @@ def _auto_lr(model, collector, batches, n, momentum: float, pre=None) -> float:
     batches = [_as_args(b) for b in batches]
     if pre is not None:
         size = int(batches[0][0].shape[0])
-        lam = preconditioned_curvature(model, collector, batches, pre, num_data=n)
+        lam = pre.max_curvature
+        if not math.isfinite(lam):
+            lam = preconditioned_curvature(model, collector, batches, pre, num_data=n)
         lr = preconditioned_lr(
             pre, num_data=n, batch_size=size, momentum=momentum, max_curvature=lam
         )

@@ -9,10 +9,12 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-import pyro_swag.precondition as pc
+import pyro_swag._curvature as curvature
 from pyro_swag import SWAGCollector
 from pyro_swag.precondition import (
+    DAMPING_LADDER,
     PreconditionedSGD,
+    choose_preconditioner,
     estimate_preconditioner,
     preconditioned_curvature,
     preconditioned_lr,
@@ -95,6 +97,23 @@ def test_rates_and_stability_cap_against_closed_forms():
     assert capped == pytest.approx(0.5 * 2 / 100.0)
     with pytest.raises(ValueError, match="rule must be 'matched' or 'kl'"):
         preconditioned_lr(pre, num_data=N, batch_size=B, rule="mandt")
+
+
+def test_auto_damping_ladder():
+    x, y = make_data()
+    collector = at_point(x, y, torch.tensor([0.9, -0.4, 0.35]))
+    epoch = [(x[i], y[i]) for i in torch.randperm(N).split(B)]
+    kw = dict(num_data=N, kind="full", batch_size=B, momentum=0.5)
+    pre = choose_preconditioner(model, collector, epoch, **kw)
+    direct = estimate_preconditioner(model, collector, epoch, num_data=N, damping=DAMPING_LADDER[0])
+    assert pre.damping == pytest.approx(direct.damping)  # well-determined: the smallest damping
+    assert pre.max_curvature == pytest.approx(1.0, abs=0.2)  # P A ≈ I
+    # a limit no damping meets: every rung is tried, the last is kept, with a warning
+    with pytest.warns(UserWarning, match="watch the loss"):
+        last = choose_preconditioner(model, collector, epoch, **kw, limit=1e-9)
+    top = estimate_preconditioner(model, collector, epoch, num_data=N, damping=DAMPING_LADDER[-1])
+    assert last.damping == pytest.approx(top.damping)
+    assert last.max_curvature < pre.max_curvature  # more damping, smaller P
 
 
 def test_optimizer_step_is_preconditioned_heavy_ball():
@@ -202,7 +221,7 @@ def test_errors(monkeypatch):
         estimate_preconditioner(model, collector, [(x, y)], num_data=N, damping=0.0)
     with pytest.raises(RuntimeError, match="not set up"):
         estimate_preconditioner(model, SWAGCollector(model), [(x, y)], num_data=N)
-    monkeypatch.setattr(pc, "MAX_DENSE", 2)
+    monkeypatch.setattr(curvature, "MAX_DENSE", 2)
     with pytest.raises(ValueError, match="use precondition='diag'"):
         estimate_preconditioner(model, collector, [(x, y)], num_data=N, kind="full")
     pre = estimate_preconditioner(model, collector, [(x, y)], num_data=N, kind="diag")
