@@ -35,9 +35,10 @@ empirical Fisher :math:`F = \frac1n\sum_i g_i g_i^\top` of the per-example log-l
 gradients over one epoch, the Hessian :math:`H_0` of the negative log prior (with the
 unconstrained transform's Jacobian) from Hessian-vector products, and a damping
 :math:`\delta` = ``damping`` × the mean diagonal (``1e-3`` suits models the data inform in
-every direction; networks with fewer examples than weights need ~0.3, see
-docs/calibration.md). ``"full"`` keeps the Cholesky factor of
-:math:`A_1` (``P g`` is a triangular solve); ``"diag"`` keeps its diagonal.
+every direction; networks with fewer examples than weights need far more, which
+:func:`choose_preconditioner` finds by a stability criterion; see docs/calibration.md).
+``"full"`` keeps the Cholesky factor of :math:`A_1` (``P g`` is a triangular solve);
+``"diag"`` keeps its diagonal.
 """
 
 from __future__ import annotations
