@@ -4,7 +4,8 @@ r"""Fit a SWAG posterior: pre-train, then SGD at the SWA learning rate, collecti
 unconstrained latent vector, so SVI is MAP/SGD) in two phases:
 
 1. epochs ``[0, swa_start)``: the user's optimiser (default ``pyro.optim.Adam``);
-2. epochs ``[swa_start, epochs)``: SGD with momentum under
+2. epochs ``[swa_start, epochs)``: SGD with momentum (or, with ``precondition``, SGD on
+   the preconditioned gradient, :mod:`pyro_swag.precondition`) under
    :class:`torch.optim.swa_utils.SWALR` (through :class:`pyro.optim.PyroLRScheduler`),
    constant at ``swa_lr`` or annealed to it over ``anneal_epochs``, recording a snapshot
    every ``collect_every`` epochs (or every ``collect_every_steps`` steps).
@@ -61,7 +62,8 @@ class FitResult(NamedTuple):
     history : dict of lists
         Per epoch: ``epoch``, ``phase`` (``"pretrain"``/``"swa"``), ``loss`` (mean per-datum
         negative log joint over the epoch's minibatches), ``lr``, ``snapshots`` (collected so
-        far); plus ``swa_lr`` (the resolved SWA learning rate, a float).
+        far); plus ``swa_lr`` (the resolved SWA learning rate, a float) and ``precondition``
+        (``"full"``, ``"diag"`` or ``None``: the SWA phase's preconditioner kind).
     """
 
     guide: SWAGGuide | None
