@@ -6,9 +6,11 @@ The model is evaluated for a whole chunk of posterior draws at once with
 ``Predictive(parallel=True)`` fails on them). Inside the vectorized pass the sites to
 predict (sample sites that are neither conditioned nor observed, e.g. ``"obs"`` called with
 ``obs=None``) are not sampled: their distributions are recorded, and afterwards each draw's
-distribution is rebuilt and sampled in the order sequential ``pyro.infer.Predictive`` uses.
-With the same seed and the same posterior draws the outputs therefore equal sequential
-``Predictive``'s (the random draws bit for bit, network outputs to float rounding).
+distribution is rebuilt and sampled in the order sequential ``pyro.infer.Predictive`` uses
+(``Normal`` sites: only the standard-normal noise is drawn per draw, by the call Pyro's
+``rsample`` makes, and ``loc + eps * scale`` is formed once for all draws). With the same
+seed and the same posterior draws the outputs therefore equal sequential ``Predictive``'s
+(the random draws bit for bit, network outputs to float rounding).
 
 Assumption of the vectorized path: a predicted site's *value* is not used later in the
 model (true of likelihood sites); models that feed sampled values forward, or draw their
