@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 #: Relative dampings tried by ``damping="auto"``, smallest first.
-DAMPING_LADDER = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
+DAMPING_LADDER = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
 def estimate_preconditioner(
@@ -120,7 +120,7 @@ def choose_preconditioner(
     momentum: float = 0.0,
     damping: float | str = "auto",
     lr: float | None = None,
-    limit: float = 1.0,
+    limit: float = 0.5,
 ) -> Preconditioner:
     """The preconditioner ``fit`` uses: a given ``damping``, or the smallest of
     :data:`DAMPING_LADDER` whose effective preconditioned step stays below ``limit``,

@@ -197,8 +197,8 @@ def fit(
         step. Recorded in ``history["precondition"]`` and the checkpoint.
     precondition_damping : float or "auto"
         Damping added to the curvature, relative to its mean diagonal. ``"auto"``: the
-        smallest of ``1e-3, 1e-2, 0.1, 0.3, 1, 3, 10`` whose effective step
-        :math:`\\epsilon |\\lambda|_{\\max}(P A_1)/(1-\\mu) \\le 1`
+        smallest of ``1e-3, 1e-2, 0.1, 0.3, 1, ..., 100`` whose effective step
+        :math:`\\epsilon |\\lambda|_{\\max}(P A_1)/(1-\\mu) \\le 0.5`
         (:func:`pyro_swag.precondition.choose_preconditioner`): ``1e-3`` on well-determined
         models, larger for networks with a rank-deficient Fisher (see docs/calibration.md).
 
