@@ -27,6 +27,10 @@ _LAZY = {
     "psis_diagnostic": "datatree",
     "RecordingNUTS": "datatree",
     "suggest_swa_lr": "lr",
+    "estimate_preconditioner": "precondition",
+    "Preconditioner": "precondition",
+    "PreconditionedSGD": "precondition",
+    "calibrate": "calibrate",
     "DistributedSWAG": "distributed",
     "load_dataset": "data",
 }
