@@ -44,7 +44,11 @@ from pyro_swag.compare import CompareConfig, make_model
 from pyro_swag.compare_methods import guide_draws, train_swag
 from pyro_swag.compare_metrics import pointwise, scores
 from pyro_swag.data import load_dataset
-from pyro_swag.precondition import estimate_preconditioner, preconditioned_lr
+from pyro_swag.precondition import (
+    estimate_preconditioner,
+    preconditioned_curvature,
+    preconditioned_lr,
+)
 from pyro_swag.train import fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,7 +60,10 @@ CACHE = ROOT / "benchmarks" / "results" / "calibration_bnn_nuts.json"
 DATASETS = ("diabetes", "yacht")
 CALIBRATIONS = ("elbo", "psis", "validation")
 RECIPES = ("main", "long", "precond")
-PRECONDITION = "diag"
+PRECONDITION = "full"
+#: Relative damping of the preconditioner: 1e-3 diverged on BNNs (rank-deficient Fisher, see
+#: docs/calibration.md "Damping, and networks"); 0.3 is that section's guidance for networks.
+DAMPING = 0.3
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -87,9 +94,16 @@ def map_point(model, data, seed: int, steps: int) -> dict:
     return {k: v.detach() for k, v in guide.median().items()}
 
 
-def nuts_chain(name: str, chain: int, args) -> dict:
+def _spec(spec: str, default_split: int) -> tuple[str, int]:
+    """``"name"`` or ``"name:split"`` -> ``(name, split)``."""
+    name, _, split = spec.partition(":")
+    return name, int(split) if split else default_split
+
+
+def nuts_chain(spec: str, chain: int, args) -> dict:
     """One NUTS chain; its pointwise test terms go to a .pt file, its metrics to the JSON."""
-    data = load_dataset(name, args.split)
+    name, split = _spec(spec, args.split)
+    data = load_dataset(name, split)
     model = make_model(data, seed=chain)
     start = time.perf_counter()
     init = map_point(model, data, chain, args.map_steps)
@@ -103,7 +117,7 @@ def nuts_chain(name: str, chain: int, args) -> dict:
     mcmc.run(data.x_train, data.y_train)
     wall = time.perf_counter() - start
     ev = score(model, data, {k: v.detach() for k, v in mcmc.get_samples().items()})
-    path = CACHE.with_name(f"calibration_bnn_nuts_{name}{args.split}_c{chain}.pt")
+    path = CACHE.with_name(f"calibration_bnn_nuts_{name}{split}_c{chain}.pt")
     torch.save(ev.pop("terms"), path)
     ev.update(map_s=map_s, wall_s=wall, warmup=args.nuts_warmup, samples=args.nuts_samples,
               depth=args.nuts_depth, map_steps=args.map_steps)
@@ -150,8 +164,9 @@ def _pack(collector, values: dict) -> torch.Tensor:
 
 def train(model, data, recipe: str, seed: int) -> dict:
     """:func:`pyro_swag.compare_methods.train_swag` with ``recipe``'s settings; ``"precond"``
-    then restarts the SWA phase from the pre-trained MAP with ``fit(precondition="full",
-    swa_lr="auto")`` (the KL-optimal rate of the preconditioned iteration)."""
+    replaces the SWA phase by a preconditioned one from the pre-trained MAP (``P`` estimated
+    there with damping :data:`DAMPING`; the matched rate ``2B(1 - mu)/N`` capped at half the
+    stability limit of ``P H``, :func:`pyro_swag.precondition.preconditioned_lr`)."""
     cfg = replace(recipe_config(recipe), seed=seed)
     if recipe != "precond":
         return train_swag(model, data, cfg, seed, quiet=True)
@@ -161,9 +176,14 @@ def train(model, data, recipe: str, seed: int) -> dict:
     x, y, n = data.x_train, data.y_train, data.x_train.shape[0]
     start = time.perf_counter()
     map_loc = _pack(collector, run["map"])
+    with torch.no_grad():
+        collector.loc.copy_(map_loc)
     epoch = [(x[i], y[i]) for i in torch.randperm(n).split(cfg.batch_size)]
-    pre = estimate_preconditioner(model, collector, epoch, num_data=n, kind=PRECONDITION)
-    lr = preconditioned_lr(pre, num_data=n, batch_size=cfg.batch_size, momentum=0.9)
+    pre = estimate_preconditioner(model, collector, epoch, num_data=n, kind=PRECONDITION,
+                                  damping=DAMPING)
+    lam = preconditioned_curvature(model, collector, epoch, pre, num_data=n)
+    lr = preconditioned_lr(pre, num_data=n, batch_size=cfg.batch_size, momentum=0.9,
+                           max_curvature=lam)
     for retry in range(cfg.swa_retries + 1):  # compare's rule: diverged -> 3x smaller rate
         collector.moments = type(old)(old.rank, old.min_var, old.deviation_dtype, old.device)
         with torch.no_grad():
@@ -243,7 +263,8 @@ def _task(job: tuple) -> Path:
     name, split, recipe, seed, draws, reuse = job
     torch.set_num_threads(1)
     path = CACHE.with_name(f"calibration_bnn_swag_{name}{split}_{recipe}_s{seed}.pt")
-    config = repr(recipe_config(recipe))
+    config = repr(recipe_config(recipe)) + (
+        f" precondition={PRECONDITION} damping={DAMPING}" if recipe == "precond" else "")
     if reuse and path.exists() and torch.load(path, weights_only=True)["config"] == config:
         return path
     start = time.perf_counter()
@@ -260,8 +281,9 @@ def _task(job: tuple) -> Path:
 
 
 def run_swag(args) -> dict:
-    jobs = [(name, args.split, recipe, seed, args.draws, not args.rerun)
-            for name in args.datasets for recipe in args.recipes for seed in range(args.seeds)]
+    specs = [_spec(spec, args.split) for spec in args.datasets]
+    jobs = [(name, split, recipe, seed, args.draws, not args.rerun)
+            for name, split in specs for recipe in args.recipes for seed in range(args.seeds)]
     if args.workers > 1:
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
             paths = pool.map(_task, jobs, chunksize=1)
@@ -270,18 +292,19 @@ def run_swag(args) -> dict:
     return {job[:4]: torch.load(path, weights_only=True) for job, path in zip(jobs, paths)}
 
 
-def dataset_table(name: str, args, cache: dict, results: dict) -> tuple[str, list[dict]]:
-    data = load_dataset(name, args.split)
-    key = f"{name}{args.split}"
+def dataset_table(spec: str, args, cache: dict, results: dict) -> tuple[str, list[dict]]:
+    name, split = _spec(spec, args.split)
+    data = load_dataset(name, split)
+    key = f"{name}{split}"
     nuts = cache.get(key, {})
     if "pooled" not in nuts:
         raise RuntimeError(
             f"no pooled NUTS reference for {key} in {CACHE}; run "
-            f"`python benchmarks/calibration_bnn.py --nuts-only --datasets {name} --chains 0 1`"
+            f"`python benchmarks/calibration_bnn.py --nuts-only --datasets {spec} --chains 0 1`"
         )
     ref = nuts["pooled"]["ll"]
     lines = [
-        f"### {name} split {args.split} (N = {data.x_train.shape[0]}, test "
+        f"### {name} split {split} (N = {data.x_train.shape[0]}, test "
         f"{data.x_test.shape[0]}; one test point = {1 / data.x_test.shape[0]:.3f} of coverage)",
         "",
         "NUTS: " + "; ".join(
@@ -298,7 +321,7 @@ def dataset_table(name: str, args, cache: dict, results: dict) -> tuple[str, lis
     records = []
     model = make_model(data)
     for recipe in args.recipes:
-        runs = [results[(name, args.split, recipe, s)] for s in range(args.seeds)]
+        runs = [results[(name, split, recipe, s)] for s in range(args.seeds)]
         failed = [f"seed {s}: {r['failed']}" for s, r in enumerate(runs) if "failed" in r]
         runs = [r for r in runs if "failed" not in r]
         if failed:
@@ -336,7 +359,8 @@ def dataset_table(name: str, args, cache: dict, results: dict) -> tuple[str, lis
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS),
+                   help="names, or name:split (default split: --split)")
     p.add_argument("--split", type=int, default=0)
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     p.add_argument("--seeds", type=int, default=3)
@@ -360,7 +384,7 @@ def main() -> None:
         for name in args.datasets:
             for chain in args.chains:
                 ev = nuts_chain(name, chain, args)
-                save_chain(f"{name}{args.split}", chain, ev)
+                save_chain("".join(map(str, _spec(name, args.split))), chain, ev)
                 print(f"{name} chain {chain}: {ev}", flush=True)
         return
     env = (f"torch {torch.__version__}, pyro {pyro.__version__}, 1 thread, load average "
