@@ -1,12 +1,25 @@
-"""Acceptance of issue #3: 1-D regression with a gap in the inputs (examples/gap_regression.py)."""
+"""Acceptance of issue #3: 1-D regression with a gap in the inputs (examples/gap_regression.py).
 
+The setting (1x50 ReLU BayesianMLP, N(0, 1) priors, learned noise, y = cos(4x) + 0.05 eps,
+x in [-1, -0.3] U [0.3, 1]) was chosen with NUTS as the oracle: the exact posterior's 95 %
+interval is 2.96x wider in the gap than over the data (benchmarks/results/gap_nuts.json).
+"""
+
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from gap_regression import GRID, NUTS_CACHE, run  # noqa: E402
+
+# A short single-run schedule for the fast test (the example's recipe: 500 epochs, 5 runs).
+SHORT_EPOCHS, SHORT_SWA_START = 150, 100
 
 
 def test_gap_regression_example_smoke(tmp_path):
@@ -19,24 +32,47 @@ def test_gap_regression_example_smoke(tmp_path):
     assert "gap width / data width" in proc.stdout
 
 
-def _gap_run(**kw):
-    sys.path.insert(0, str(ROOT / "examples"))
-    from gap_regression import run
+def test_nuts_reference_widens_in_the_gap():
+    """The cached exact-posterior band: its widths follow from the band, and it widens >= 2x."""
+    nuts = json.loads(NUTS_CACHE.read_text())
+    lo, hi = torch.tensor(nuts["lo"]), torch.tensor(nuts["hi"])
+    assert lo.shape == hi.shape == GRID.shape
+    width = hi - lo
+    gap = width[GRID.abs() < 0.3].mean().item()
+    data = width[(GRID.abs() >= 0.3) & (GRID.abs() <= 1.0)].mean().item()
+    assert gap == pytest.approx(nuts["gap_width"], rel=1e-5)
+    assert data == pytest.approx(nuts["data_width"], rel=1e-5)
+    assert gap >= 2 * data
+    assert 0.85 <= nuts["coverage"] <= 1.0
 
-    return run(seed=0, epochs=80, swa_start=40, num_samples=60, **kw)
 
+def test_gap_regression_swag_in_range_coverage():
+    """One SWAG run (short schedule): held-out in-range points covered at 0.85-1.
 
-def test_gap_regression_in_range_coverage():
-    result = _gap_run()
+    Measured coverage 0.995 / 1.0 / 0.975 on data seeds 0 / 1 / 2 (its intervals are 2-4x
+    wider than NUTS's over the data: the short pre-training under-fits).
+    """
+    result = run(seed=0, runs=1, epochs=SHORT_EPOCHS, swa_start=SHORT_SWA_START,
+                 num_samples=200)
     assert 0.85 <= result["coverage"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def multiswag():
+    return run(seed=0, runs=5, processes=2, num_samples=400)
+
+
+@pytest.mark.slow
+def test_gap_regression_multiswag_in_range_coverage(multiswag):
+    assert 0.85 <= multiswag["coverage"] <= 1.0
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="known SWAG limitation: SGD noise lives in the span of the data gradients, so the "
-    "interval in the gap is about as wide as over the data (ratio ~1.0, see docs/training.md)",
+    reason="measured MultiSWAG x5 ratios 1.47 / 1.92 / 1.91 on data seeds 0 / 1 / 2 (NUTS: "
+    "2.96): the gap width matches NUTS but runs whose pre-training misses the noise floor widen "
+    "the interval over the data; a single SWAG run gives ~1.0 (docs/training.md)",
 )
-def test_gap_regression_gap_interval_twice_as_wide():
-    result = _gap_run()
-    assert result["gap_width"] >= 2 * result["data_width"]
+def test_gap_regression_multiswag_gap_interval_twice_as_wide(multiswag):
+    assert multiswag["gap_width"] >= 2 * multiswag["data_width"]
