@@ -248,14 +248,17 @@ def swag_seed(data, recipe: str, seed: int, draws: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- table
-def _summary(values: list[float]) -> str:
+def _summary(values: list[float], fmt: str = "+.3f") -> str:
+    """``mean [min, max]``, or the value alone when there is one."""
     m = sum(values) / len(values)
-    return f"{m:+.3f} [{min(values):+.3f}, {max(values):+.3f}]"
+    if len(values) == 1:
+        return f"{m:{fmt}}"
+    return f"{m:{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
 
 
-def _cov(values: list[float]) -> str:
-    m = sum(values) / len(values)
-    return f"{m:.3f} [{min(values):.3f}, {max(values):.3f}]"
+def _range(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.3g}" if f"{lo:.3g}" == f"{hi:.3g}" else f"{lo:.3g}–{hi:.3g}"
 
 
 def _task(job: tuple) -> Path:
@@ -340,17 +343,17 @@ def dataset_table(spec: str, args, cache: dict, results: dict) -> tuple[str, lis
                 cov = [e["cov90"] for e in evs]
                 ok_ll = sum(abs(v) <= 0.05 for v in d_ll)
                 ok_cov = sum(abs(c - 0.9) <= 0.03 for c in cov)
-                scale = ("" if label == "MultiSWAG" else
-                         f"{min(e['scale'] for e in evs):.3g}–{max(e['scale'] for e in evs):.3g}")
+                scale = "" if label == "MultiSWAG" else _range([e["scale"] for e in evs])
                 lines.append(
-                    f"| {recipe} | {label} {variant} | {scale} | {_summary(d_ll)} | {_cov(cov)} | "
+                    f"| {recipe} | {label} {variant} | {scale} | {_summary(d_ll)} | "
+                    f"{_summary(cov, '.3f')} | "
                     f"{sum(e['rmse'] for e in evs) / len(evs):.3g} | {ok_ll}/{len(evs)} | "
                     f"{ok_cov}/{len(evs)} |"
                 )
                 records.append({"dataset": name, "recipe": recipe, "label": label,
                                 "variant": variant, "d_ll": d_ll, "cov": cov})
         lines.append(
-            f"| {recipe} | SWA lr · τ̂ = {runs[0]['swa_lr'] * runs[0]['tau']:.3g}; τ̂ "
+            f"| {recipe} | SWA lr {_range([r['swa_lr'] for r in runs])}; τ̂ "
             + ", ".join(f"{r['tau']:.3g}" for r in runs)
             + "; train s " + ", ".join(f"{r['train_s']:.0f}" for r in runs) + " | | | | | | |"
         )
