@@ -202,6 +202,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5,
                         help="independent SWAG runs (MultiSWAG); 1: plain SWAG")
     parser.add_argument("--processes", type=int, default=2, help="worker processes for the runs")
+    parser.add_argument("--epochs", type=int, default=500)
+    parser.add_argument("--swa-start", type=int, default=400)
+    parser.add_argument("--precondition", choices=["none", "diag", "full"], default="none",
+                        help="preconditioned SWA phase (swa_lr='auto' then)")
     parser.add_argument("--smoke", action="store_true", help="tiny run (< 20 s)")
     parser.add_argument("--nuts", action="store_true",
                         help=f"recompute the NUTS reference into {NUTS_CACHE.name} (slow)")
@@ -209,10 +213,13 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.nuts:
         NUTS_CACHE.write_text(json.dumps(summarize_nuts(nuts_samples(args.seed), args.seed)))
-    sizes = dict(epochs=12, swa_start=6, num_samples=30, runs=2) if args.smoke else {}
+    sizes = dict(epochs=args.epochs, swa_start=args.swa_start)
+    if args.precondition != "none":
+        sizes.update(precondition=args.precondition, swa_lr="auto")
+    sizes["runs"] = args.runs
     if args.smoke:
+        sizes.update(epochs=12, swa_start=6, num_samples=30, runs=2)
         args.processes = 1
-    sizes.setdefault("runs", args.runs)
     result = run(seed=args.seed, processes=args.processes,
                  quiet=True if args.smoke else None, **sizes)
     nuts = load_nuts() if args.seed == 0 else None
