@@ -71,5 +71,5 @@ def test_unknown_recipe_names_the_choices():
 def test_table_without_nuts_reference_says_how_to_make_it(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "CACHE", tmp_path / "nuts.json")
     args = argparse.Namespace(split=0, recipes=["main"], seeds=1)
-    with pytest.raises(RuntimeError, match="--nuts-only --datasets yacht"):
-        bench.dataset_table("yacht", args, {}, {})
+    with pytest.raises(RuntimeError, match="--nuts-only --datasets diabetes"):
+        bench.dataset_table("diabetes", args, {}, {})
