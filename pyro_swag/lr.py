@@ -157,17 +157,23 @@ def _per_example_grads(model, collector, batch, num_data: int) -> torch.Tensor |
     return jac.detach()
 
 
+def _batch_hvp(loss_fn, loc, batches, v: torch.Tensor) -> torch.Tensor:
+    """Hessian-vector product of ``loss_fn`` w.r.t. ``loc``, averaged over ``batches``."""
+    hv = torch.zeros_like(loc)
+    for batch in batches:
+        (g,) = torch.autograd.grad(loss_fn(batch), loc, create_graph=True)
+        (h,) = torch.autograd.grad(g, loc, grad_outputs=v)
+        hv += h.detach()
+    return hv / len(batches)
+
+
 def _max_curvature(loss_fn, loc, batches, iters: int) -> float:
     """Power iteration on the batch-averaged Hessian of the loss w.r.t. ``loc``."""
     v = torch.randn_like(loc)
     v = v / v.norm()
     lam = 0.0
     for _ in range(iters):
-        hv = torch.zeros_like(loc)
-        for batch in batches:
-            (g,) = torch.autograd.grad(loss_fn(batch), loc, create_graph=True)
-            (h,) = torch.autograd.grad(g, loc, grad_outputs=v)
-            hv += h.detach() / len(batches)
+        hv = _batch_hvp(loss_fn, loc, batches, v)
         lam = float(hv @ v)
         norm = hv.norm()
         if not torch.isfinite(norm) or norm == 0:

@@ -58,7 +58,7 @@ from ._curvature import (
     _factor,
     _validate,
 )
-from .lr import _loss_fn
+from .lr import _batch_hvp, _loss_fn
 
 __all__ = [
     "Preconditioner",
@@ -213,11 +213,7 @@ def preconditioned_curvature(
     v = v / v.norm()
     lam = 0.0
     for _ in range(iters):
-        hv = torch.zeros_like(loc)
-        for batch in used:
-            (g,) = torch.autograd.grad(loss_fn(batch), loc, create_graph=True)
-            (h,) = torch.autograd.grad(g, loc, grad_outputs=v)
-            hv += h.detach() / (len(used) * num_data)
+        hv = _batch_hvp(loss_fn, loc, used, v) / num_data
         w = pre.apply(hv)
         lam = float(w.norm())
         if not math.isfinite(lam) or lam == 0:
