@@ -11,6 +11,7 @@ measured in fresh subprocesses (peak resident set size above the level just befo
 call, /proc VmHWM).
 
 Run: ``python benchmarks/predictive.py`` (writes docs/results/predictive.md);
+``--device cuda`` for the same comparisons on a GPU (writes docs/results/predictive_cuda.md);
 ``--quick`` for a small smoke run that writes nothing.
 """
 
@@ -38,14 +39,15 @@ from pyro_swag.predictive import forward_draws, predictive
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "predictive.md"
+CUDA_OUT = ROOT / "docs" / "results" / "predictive_cuda.md"
 
 
-def make(hidden, activation, n, rank=10, snapshots=12, seed=0):
+def make(hidden, activation, n, rank=10, snapshots=12, seed=0, device="cpu"):
     """BNN, inputs and a SWAG guide (snapshots scattered around the fan-in init)."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    model = BayesianMLP(8, hidden=hidden, activation=activation, noise=None)
-    x, y = torch.randn(n, 8), torch.randn(n)
+    model = BayesianMLP(8, hidden=hidden, activation=activation, noise=None).to(device)
+    x, y = torch.randn(n, 8, device=device), torch.randn(n, device=device)
     collector = SWAGCollector(model, rank=rank, init_loc_fn=model.init_loc_fn())
     collector(x, y)
     for _ in range(snapshots):
@@ -81,33 +83,42 @@ def vectorized_forward(guide, net, x, num):
     return forward_draws(net, params, x)
 
 
-def interleaved(fns: dict, repeats: dict) -> tuple[dict, dict]:
+def _sync(device) -> None:
+    """Wait for queued CUDA work, so that wall times cover it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict, repeats: dict, device="cpu") -> tuple[dict, dict]:
     """Best wall and process-CPU seconds per function, repeats interleaved."""
     wall = {k: [] for k in fns}
     cpu = {k: [] for k in fns}
     for f in fns.values():
         f()  # warm up
+    _sync(device)
     for r in range(max(repeats.values())):
         for k, f in fns.items():
             if r >= repeats[k]:
                 continue
             w, c = time.perf_counter(), time.process_time()
             f()
+            _sync(device)
             cpu[k].append(time.process_time() - c)
             wall[k].append(time.perf_counter() - w)
     return {k: min(v) for k, v in wall.items()}, {k: min(v) for k, v in cpu.items()}
 
 
-def time_config(hidden, activation, num, n, repeats, check=True) -> dict:
-    model, x, guide = make(hidden, activation, n)
-    net = plain_net(hidden, activation)
+def time_config(hidden, activation, num, n, repeats, check=True, device="cpu") -> dict:
+    model, x, guide = make(hidden, activation, n, device=device)
+    net = plain_net(hidden, activation).to(device)
     fns = {
         "ours": lambda: predictive(model, guide, x, num_samples=num),
         "seq": lambda: Predictive(model, guide=guide, num_samples=num)(x),
         "loop": lambda: loop_forward(guide, net, x, num),
         "fwd": lambda: vectorized_forward(guide, net, x, num),
     }
-    wall, cpu = interleaved(fns, {**dict.fromkeys(fns, repeats), "seq": max(1, repeats - 1)})
+    reps = {**dict.fromkeys(fns, repeats), "seq": max(1, repeats - 1)}
+    wall, cpu = interleaved(fns, reps, device)
     name = f"{len(hidden)}x{hidden[0]} {activation}"
     row = dict(model=name, threads=torch.get_num_threads(), **wall)
     row.update({f"cpu_{k}": v for k, v in cpu.items()})
@@ -176,11 +187,11 @@ def floor_row(hidden, activation, num, n, repeats) -> dict:
     return dict(model=f"{len(hidden)}x{hidden[0]} {activation}", ops=best, total=sum(best.values()))
 
 
-def timing_rows(num, n, repeats, configs, threads, check=True):
+def timing_rows(num, n, repeats, configs, threads, check=True, device="cpu"):
     torch.set_num_threads(threads)
     rows = []
     for hidden, activation in configs:
-        rows.append(time_config(hidden, activation, num, n, repeats, check))
+        rows.append(time_config(hidden, activation, num, n, repeats, check, device))
         print(json.dumps(rows[-1]), flush=True)
     torch.set_num_threads(1)
     return rows
@@ -200,6 +211,25 @@ def memory_child(num, n, chunk):
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     peak = int(status["VmHWM"].split()[0])
     print(json.dumps({"chunk": chunk, "peak_mib": (peak - before) / 1024, "wall": wall}))
+
+
+def memory_rows_cuda(num, n, chunks, device):
+    """Peak CUDA memory allocated (MiB) above the level before one predictive call."""
+    model, x, guide = make((50,), "tanh", n, device=device)
+    predictive(model, guide, x, num_samples=2, chunk_size=1)  # warm up code paths
+    rows = []
+    for chunk in chunks:
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        predictive(model, guide, x, num_samples=num, chunk_size=chunk)
+        _sync(device)
+        wall = time.perf_counter() - start
+        peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        rows.append({"chunk": "none" if chunk is None else chunk, "peak_mib": peak, "wall": wall})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def memory_rows(num, n, chunks):
@@ -241,12 +271,18 @@ def _table(rows, cpu, check) -> list[str]:
     return [*_header(cpu, check), *[_row(r, cpu, check) for r in rows]]
 
 
-def table(runs, mem, num, n, mem_num, small, load, floors=()):
+def table(runs, mem, num, n, mem_num, small, load, floors=(), device="cpu"):
+    cuda = torch.device(device).type == "cuda"
+    where = (
+        f"{torch.cuda.get_device_name(device)} (CUDA; wall times after synchronising)"
+        if cuda
+        else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores shared with other jobs"
+    )
     lines = [
-        "# Predictive benchmark (generated by `python benchmarks/predictive.py`)",
+        "# Predictive benchmark (generated by `python benchmarks/predictive.py"
+        + (f" --device {device}`)" if cuda else "`)"),
         "",
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or 'CPU'}, "
-        f"{os.cpu_count()} cores shared with other jobs (load average {load[0]:.1f} at the "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {where} (load average {load[0]:.1f} at the "
         f"start, {os.getloadavg()[0]:.1f} at the end), torch {torch.__version__}, "
         f"pyro {pyro.__version__}.",
         "",
@@ -262,9 +298,10 @@ def table(runs, mem, num, n, mem_num, small, load, floors=()):
         "CPU time, which other jobs on the machine do not inflate.",
     ]
     for threads, rows in runs:
-        cpu = threads == 1
-        lines += ["", f"**{threads} thread{'s' if threads > 1 else ''}**:", ""]
-        lines += _table(rows, cpu, cpu)
+        cpu = threads == 1 and not cuda
+        label = "CUDA" if cuda else f"{threads} thread{'s' if threads > 1 else ''}"
+        lines += ["", f"**{label}**:", ""]
+        lines += _table(rows, cpu, cpu or cuda)
     if floors:
         seq = {r["model"]: r["cpu_seq"] for r in runs[0][1]}
         lines += [
@@ -299,12 +336,23 @@ def table(runs, mem, num, n, mem_num, small, load, floors=()):
                 f"{seq[f['model']] / f['total']:.1f}x |"
             )
     if small:
-        lines += ["", "Context, same S, N = 100 inputs (less arithmetic per draw), 1 thread:", ""]
-        lines += _table(small, True, True)
+        lines += [
+            "",
+            "Context, same S, N = 100 inputs (less arithmetic per draw)"
+            + ("" if cuda else ", 1 thread")
+            + ":",
+            "",
+        ]
+        lines += _table(small, not cuda, True)
+    peak = (
+        "peak CUDA memory allocated above the level before the call"
+        if cuda
+        else "1 thread; peak resident memory above the level before the call, fresh process each"
+    )
     lines += [
         "",
         f"Peak memory of one call against `chunk_size` (S = {mem_num}, N = {n}, 1x50 tanh, "
-        "1 thread; peak resident memory above the level before the call, fresh process each):",
+        f"{peak}):",
         "",
         "| chunk_size | peak MiB | wall ms |",
         "|---|---|---|",
@@ -321,6 +369,7 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=100)
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--out", default=str(OUT), help="where to write the table")
+    parser.add_argument("--device", default="cpu", help=f"cpu, or cuda[:i] ({CUDA_OUT.name})")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     default_threads = torch.get_num_threads()
@@ -329,13 +378,15 @@ def main() -> None:
         chunk = None if args.memory_child == "none" else int(args.memory_child)
         return memory_child(args.num, args.n, chunk)
     load = os.getloadavg()
+    configs = [((50,), "tanh"), ((50, 50), "tanh"), ((50,), "relu"), ((50, 50), "relu")]
+    if torch.device(args.device).type == "cuda":
+        return main_cuda(args, configs, load)
     if args.quick:
         runs = [(t, timing_rows(10, 100, 1, [((50,), "tanh")], t)) for t in (1, default_threads)]
         mem = memory_rows(50, 100, [None, 10])
         floors = [floor_row((50,), "tanh", 10, 100, 1)]
         print(table(runs, mem, 10, 100, 50, (), load, floors))
         return
-    configs = [((50,), "tanh"), ((50, 50), "tanh"), ((50,), "relu"), ((50, 50), "relu")]
     runs = [(1, timing_rows(args.num, args.n, args.repeats, configs, 1))]
     if default_threads > 1:
         rows = timing_rows(args.num, args.n, args.repeats, configs, default_threads, check=False)
@@ -346,9 +397,29 @@ def main() -> None:
     small = timing_rows(args.num, 100, args.repeats, configs[:2], 1)  # Pyro-overhead regime
     mem_num = 10 * args.num
     mem = memory_rows(mem_num, args.n, [None, 250, 50, 10])
-    text = table(runs, mem, args.num, args.n, mem_num, small, load, floors)
+    write(table(runs, mem, args.num, args.n, mem_num, small, load, floors), args.out)
+
+
+def main_cuda(args, configs, load) -> None:
+    """The same comparisons on a GPU: no thread counts, no CPU arithmetic floor."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
+    dev, (num, n, reps) = (
+        args.device,
+        (10, 100, 1) if args.quick else (args.num, args.n, args.repeats),
+    )
+    runs = [(1, timing_rows(num, n, reps, configs[: 4 - 3 * args.quick], 1, device=dev))]
+    small = timing_rows(num, 100, reps, configs[:2], 1, device=dev)
+    mem = memory_rows_cuda(10 * num, n, [None, 250, 50, 10], dev)
+    text = table(runs, mem, num, n, 10 * num, small, load, device=dev)
+    if args.quick:
+        return print(text)
+    write(text, CUDA_OUT if args.out == str(OUT) else args.out)
+
+
+def write(text: str, path) -> None:
     print(text)
-    out = Path(args.out)
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"wrote {out}")
