@@ -54,11 +54,20 @@ class CompareConfig:
         the pre-training point with the best held-out log-likelihood (checked every
         ``eval_every`` steps) is kept; pre-training stops after ``patience`` checks
         without improvement. The SWA phase then uses all training data. 0: off.
+    pretrain_batch_grid : tuple of int or None
+        When set (and ``pretrain_val_fraction > 0``), pre-training runs once per batch size
+        of this grid (same seed and start) and keeps the run whose early-stopped point has
+        the best held-out log-likelihood. ``None``: ``pretrain_batch_size``.
     jit : bool
         Use ``JitTrace_ELBO`` in the Adam phases (~3x faster on small nets).
     swa_c : float
         SWA learning rate per datum is ``swa_c / tau_hat`` (``tau_hat`` the learned noise
         precision after pre-training; 1 for classification).
+    swa_c_grid : tuple of float or None
+        When set (and ``pretrain_val_fraction > 0``), ``swa_c`` is chosen per run from this
+        grid: each rate runs the SWA phase on the pre-training part from the MAP and the one
+        whose SWAG predictive has the best log-likelihood on the held-out part wins; the SWA
+        phase is then rerun on all training data at that rate. ``None``: ``swa_c``.
     swa_stability : float or None
         Cap the SWA rate at ``swa_stability * 2 (1 + 0.9) / lambda_max`` (``lambda_max``: the
         largest eigenvalue of the per-datum loss Hessian at the MAP, by power iteration), a
@@ -96,10 +105,12 @@ class CompareConfig:
     pretrain_lr: float = 1e-2
     pretrain_batch_size: int = 128
     pretrain_val_fraction: float = 0.1
+    pretrain_batch_grid: tuple[int, ...] | None = None
     eval_every: int = 100
     patience: int = 10
     jit: bool = True
     swa_c: float = 0.1
+    swa_c_grid: tuple[float, ...] | None = None
     swa_snapshots: int = 50
     swa_retries: int = 2
     swa_stability: float | None = 0.5

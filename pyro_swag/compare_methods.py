@@ -131,22 +131,67 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
     Returns a dict with the collector, the SWAG guide, the MAP values, ``tau_hat``,
     the SWA learning rate and the wall times of both phases.
     """
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
     x, y = data.x_train, data.y_train
     n = x.shape[0]
     batch = min(config.batch_size, n)
-    pre_batch = min(config.pretrain_batch_size or batch, n)
-    collector = SWAGCollector(model, rank=config.rank, init_loc_fn=_init_fn(model))
+    train, val = _holdout(n, config.pretrain_val_fraction, seed)
+    xt, yt = x[train], y[train]
+    start = time.perf_counter()
+    grid = config.pretrain_batch_grid if val is not None else None
+    best_loc, pre_ll, pre_batch = None, -math.inf, None
+    for size in grid or (config.pretrain_batch_size or batch,):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        collector = SWAGCollector(model, rank=config.rank, init_loc_fn=_init_fn(model))
+        ll = _pretrain(model, collector, x, y, train, val, min(size, n), config, quiet, desc)
+        if best_loc is None or ll > pre_ll:  # pretraining batch size chosen on held-out data
+            best_loc, pre_ll, pre_batch = collector.loc.detach().clone(), ll, size
+    with torch.no_grad():
+        collector.loc.copy_(best_loc)
+        map_values = {k: v.detach().clone() for k, v in collector(x, y, num_data=n).items()}
+    pretrain_s = time.perf_counter() - start
+    tau = _precision(model, map_values)
+    lr_uncapped, curvature, cap = config.swa_c / tau, None, math.inf
+    if config.swa_stability is not None:  # keep SGD inside its stable range
+        curvature = _curvature(model, collector, x, y, batch)
+        if curvature:
+            cap = config.swa_stability * 2 * (1 + 0.9) / curvature
+    start = time.perf_counter()
+    map_loc, selection = collector.loc.detach().clone(), None
+    if config.swa_c_grid and val is not None:  # per-run rate chosen on the held-out part
+        selection = {}
+        for c in config.swa_c_grid:
+            try:
+                g, _, _ = _swa_phase(model, collector, xt, yt, min(c / tau, cap), config,
+                                     map_loc, quiet, desc)
+                selection[c] = _val_predictive(model, g, xt, yt, x[val], y[val],
+                                               config.num_samples)
+            except RuntimeError:  # diverged at every retry: this rate loses
+                selection[c] = -math.inf
+        best_c = max(selection, key=selection.get)
+        lr_uncapped = best_c / tau
+    guide, lr, retries = _swa_phase(model, collector, x, y, min(lr_uncapped, cap), config,
+                                    map_loc, quiet, desc)
+    return {
+        "collector": collector, "guide": guide, "map": map_values, "tau_hat": tau,
+        "swa_lr": lr, "swa_lr_uncapped": lr_uncapped, "curvature": curvature,
+        "swa_retries": retries, "pretrain_s": pretrain_s,
+        "swa_s": time.perf_counter() - start, "snapshots": collector.num_snapshots,
+        "swa_c": lr_uncapped * tau, "swa_c_selection": selection,
+        "pretrain_batch": pre_batch, "pretrain_val_ll": pre_ll,
+    }
+
+
+def _pretrain(model, collector, x, y, train, val, pre_batch, config, quiet, desc) -> float:
+    """Adam on ``(x, y)[train]`` with early stopping on ``val`` (the best held-out point is
+    restored); returns its held-out log-likelihood (``-inf`` without ``val``)."""
+    xt, yt, nt = x[train], y[train], train.numel()
     steps = config.pretrain_steps
     optim = pyro.optim.ClippedAdam(
         {"lr": config.pretrain_lr, "clip_norm": 10.0, "lrd": 0.1 ** (1 / steps)}
     )
-    train, val = _holdout(n, config.pretrain_val_fraction, seed)
-    xt, yt, nt = x[train], y[train], train.numel()
     scaled = pyro.poutine.scale(model, scale=1.0 / nt)
     svi = SVI(scaled, pyro.poutine.scale(collector, scale=1.0 / nt), optim, _elbo(config))
-    start = time.perf_counter()
     it = _batches(nt, min(pre_batch, nt))
     best, best_ll, stale = None, -math.inf, 0
     for step in tqdm(range(steps), desc=f"{desc} pre-train", disable=quiet, leave=False):
@@ -165,24 +210,35 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
     if best is not None:  # early stopping: the pre-training point best on held-out data
         with torch.no_grad():
             collector.loc.copy_(best)
-    with torch.no_grad():  # the point mass's (constrained) site values
-        map_values = {k: v.detach().clone() for k, v in collector(x, y, num_data=n).items()}
-    pretrain_s = time.perf_counter() - start
-    tau = _precision(model, map_values)
-    lr = config.swa_c / tau
-    lr_uncapped, curvature = lr, None
-    if config.swa_stability is not None:  # keep SGD inside its stable range
-        curvature = _curvature(model, collector, x, y, batch)
-        if curvature:
-            lr = min(lr, config.swa_stability * 2 * (1 + 0.9) / curvature)
+    return best_ll
+
+
+@torch.no_grad()
+def _val_predictive(model, guide, xt, yt, xv, yv, num_samples: int) -> float:
+    """Held-out log predictive density per point of the mixture over ``guide``'s draws."""
+    rows = []
+    for _ in range(num_samples):
+        values = guide(xt[:2], yt[:2], num_data=xt.shape[0])
+        cond = pyro.poutine.condition(model, data=values)
+        trace = pyro.poutine.trace(cond).get_trace(xv, yv)
+        rows.append(trace.nodes["obs"]["fn"].log_prob(yv).reshape(-1))
+    loglik = torch.stack(rows)
+    return float((loglik.logsumexp(0) - math.log(num_samples)).mean())
+
+
+def _swa_phase(model, collector, x, y, lr, config, map_loc, quiet, desc):
+    """The SWA phase on ``(x, y)`` from ``map_loc`` with fresh moments; returns
+    ``(guide, lr, retries)`` (the rate after restarts at 3x smaller rates)."""
+    n = x.shape[0]
+    batch = min(config.batch_size, n)
     per_epoch = math.ceil(n / batch)
     if per_epoch <= config.max_collect_every:
         epochs, every, every_steps = config.swa_snapshots, 1, None
     else:
         every_steps = config.max_collect_every
         epochs, every = math.ceil(config.swa_snapshots * every_steps / per_epoch), 1
-    start = time.perf_counter()
-    map_loc, retries = collector.loc.detach().clone(), 0
+    retries = 0
+    _reset(collector, map_loc)
     while True:
         try:
             guide, _ = fit(
@@ -191,7 +247,7 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
                 quiet=True if quiet else None,
             )
             if guide is not None and torch.isfinite(guide.loc).all():
-                break
+                return guide, lr, retries
             err = RuntimeError("non-finite SWA mean")
         except (ValueError, RuntimeError) as caught:  # e.g. the noise scale reached 0
             err = caught
@@ -203,16 +259,16 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
         # Unstable SGD (lr times the curvature ~ tau_hat too large): restart from the MAP
         # with a 3x smaller rate and fresh moments.
         retries, lr = retries + 1, lr / 3
+        _reset(collector, map_loc)
+
+
+def _reset(collector, map_loc) -> None:
+    """Back to the MAP with fresh (empty) moments."""
+    if collector.num_snapshots:
         old = collector.moments
         collector.moments = type(old)(old.rank, old.min_var, old.deviation_dtype, old.device)
-        with torch.no_grad():
-            collector.loc.copy_(map_loc)
-    return {
-        "collector": collector, "guide": guide, "map": map_values, "tau_hat": tau,
-        "swa_lr": lr, "swa_lr_uncapped": lr_uncapped, "curvature": curvature,
-        "swa_retries": retries, "pretrain_s": pretrain_s,
-        "swa_s": time.perf_counter() - start, "snapshots": collector.num_snapshots,
-    }
+    with torch.no_grad():
+        collector.loc.copy_(map_loc)
 
 
 def _swag_run(ctx) -> dict:
