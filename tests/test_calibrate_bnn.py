@@ -73,3 +73,22 @@ def test_table_without_nuts_reference_says_how_to_make_it(tmp_path, monkeypatch)
     args = argparse.Namespace(split=0, recipes=["main"], seeds=1)
     with pytest.raises(RuntimeError, match="--nuts-only --datasets diabetes"):
         bench.dataset_table("diabetes", args, {}, {})
+
+
+def test_splits_counts_a_case_only_when_both_conditions_hold():
+    import calibration_bnn_splits as splits
+
+    ref = -5.5
+    assert splits.meets({"ll": -5.54, "cov90": 0.90}, ref)
+    assert not splits.meets({"ll": -5.56, "cov90": 0.90}, ref)  # LL 0.06 below NUTS
+    assert not splits.meets({"ll": -5.50, "cov90": 0.94}, ref)  # coverage outside the band
+    assert not splits.meets({"ll": -5.50, "cov90": 0.86}, ref)
+
+
+def test_splits_without_nuts_reference_says_how_to_make_it(monkeypatch):
+    import calibration_bnn_splits as splits
+
+    monkeypatch.setattr(splits, "load_cache", dict)
+    monkeypatch.setattr(sys, "argv", ["calibration_bnn_splits.py", "--splits", "7"])
+    with pytest.raises(SystemExit, match="--nuts-only --datasets diabetes:7 --chains 0 1"):
+        splits.main()
