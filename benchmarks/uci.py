@@ -38,6 +38,11 @@ CACHE = ROOT / "benchmarks" / "results" / "uci_cache.json"
 TABLE = ROOT / "docs" / "results" / "uci.md"
 SETS = ["boston", "concrete", "energy", "kin8nm", "naval", "power", "protein", "wine", "yacht"]
 METHODS = ["swag", "swag_diag", "multiswag", "svi_normal", "svi_lowrank", "nuts"]
+# Recipe B's rows are cached under these keys (recipe A, the first run, under the plain ones).
+RECIPE_B = {"swag": "swag_b", "swag_diag": "swag_diag_b", "multiswag": "multiswag_b"}
+COLUMNS = ["swag", "swag_b", "multiswag", "multiswag_b", "svi_normal", "svi_lowrank", "nuts"]
+COLUMN_LABELS = {**LABELS, "swag": "SWAG (A)", "swag_b": "SWAG (B)", "multiswag": "MultiSWAG (A)",
+                 "multiswag_b": "MultiSWAG (B)", "swag_diag_b": "SWAG-Diag (B)"}
 DEFAULT_METHODS = ["swag", "multiswag", "svi_normal", "svi_lowrank"]
 SMALL = {"boston", "concrete", "energy", "wine", "yacht"}  # NUTS only here
 # Published test LL (original units): SWAG (Izmailov et al. 2019, Table 2) and MC dropout with
@@ -52,9 +57,32 @@ PUBLISHED_DROPOUT = {"boston": -2.40, "concrete": -2.93, "energy": -1.21, "kin8n
 LARGE = {"kin8nm", "naval", "power", "protein"}
 
 
-def config_for(name: str, args) -> CompareConfig:
-    """Benchmark settings; large sets get larger Adam batches and shorter SWA epochs."""
+def config_for(name: str, args, num_train: int = 0) -> CompareConfig:
+    """Benchmark settings; large sets get larger Adam batches and shorter SWA epochs.
+
+    Recipe B (``--recipe b``) keeps everything else and changes pre-training and the SWA rate:
+    up to 10000 Adam steps (small sets) or 20000 (large sets) with patience 30, on the small
+    sets the batch size (128 or full batch) chosen per split by the early-stopped point's
+    held-out log-likelihood, and ``swa_c`` chosen per split from {0.03, 0.1, 0.3} by the SWAG
+    predictive's held-out log-likelihood (all on the 10 % of the training split held out).
+    """
     large = name in LARGE
+    if args.recipe == "b":
+        return CompareConfig(
+            pretrain_steps=20000 if large else 10000,
+            pretrain_batch_size=512 if large else 128,
+            pretrain_batch_grid=None if large else (128, max(num_train, 128)),
+            patience=30,
+            pretrain_val_fraction=0.1,
+            swa_c_grid=(0.03, 0.1, 0.3),
+            svi_steps=args.svi_steps,
+            swa_snapshots=args.snapshots,
+            max_collect_every=20 if large else 50,
+            multiswag_runs=args.multiswag_runs,
+            num_samples=100,
+            methods=tuple(args.methods),
+            seed=0,
+        )
     return CompareConfig(
         pretrain_steps=args.pretrain_steps,
         pretrain_batch_size=512 if large else 128,
@@ -72,7 +100,8 @@ def config_for(name: str, args) -> CompareConfig:
 
 def settings(cfg: CompareConfig) -> dict:
     keys = ("pretrain_steps", "pretrain_batch_size", "pretrain_val_fraction", "svi_steps",
-            "swa_snapshots", "max_collect_every", "multiswag_runs", "swa_c", "rank")
+            "swa_snapshots", "max_collect_every", "multiswag_runs", "swa_c", "rank",
+            "pretrain_batch_grid", "swa_c_grid", "patience")
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -96,15 +125,19 @@ def save_cache(path: Path, cache: dict) -> None:
     os.replace(tmp, path)
 
 
+def _key(method: str, args) -> str:
+    return RECIPE_B.get(method, method) if args.recipe == "b" else method
+
+
 def run_split(name: str, split: int, methods: list[str], args, cache: dict) -> None:
-    todo = [m for m in methods
-            if cache.get(f"{name}/{split}/{m}", {}).get("status") not in ("ok", "skipped")]
+    todo = [m for m in methods if cache.get(f"{name}/{split}/{_key(m, args)}", {})
+            .get("status") not in ("ok", "skipped")]
     if name not in SMALL:
         todo = [m for m in todo if m != "nuts"]
     if not todo:
         return
     data = load_uci(name, split, args.data_dir)
-    cfg = config_for(name, args)
+    cfg = config_for(name, args, data.x_train.shape[0])
     torch.manual_seed(0)
     model = make_model(data, cfg.hidden, cfg.seed)
     state: dict = {}
@@ -115,7 +148,8 @@ def run_split(name: str, split: int, methods: list[str], args, cache: dict) -> N
             res = run_method(method, model, lambda s: make_model(data, cfg.hidden, s), data,
                              cfg, state, quiet=not args.progress)
         except (ValueError, RuntimeError) as err:
-            cache[f"{name}/{split}/{method}"] = {"status": "failed", "note": str(err)[:300]}
+            cache[f"{name}/{split}/{_key(method, args)}"] = {"status": "failed",
+                                                            "note": str(err)[:300]}
             save_cache(args.cache, cache)
             print(f"{name} split {split} {method}: FAILED {err}", flush=True)
             continue
@@ -126,9 +160,16 @@ def run_split(name: str, split: int, methods: list[str], args, cache: dict) -> N
                         data, data.y_test)
             row.update({k: v for k, v in sc.items() if not k.startswith("_")})
             row.update({k: v for k, v in res.extra.items() if isinstance(v, (int, float))})
-        cache[f"{name}/{split}/{method}"] = row
+            run = state.get("swag_run") or {}
+            for k in ("swa_c", "pretrain_batch", "pretrain_val_ll", "pretrain_s", "swa_s"):
+                if isinstance(run.get(k), (int, float)):
+                    row[k] = run[k]
+            if run.get("swa_c_selection"):
+                row["swa_c_val_ll"] = {str(c): v for c, v in run["swa_c_selection"].items()}
+        cache[f"{name}/{split}/{_key(method, args)}"] = row
         save_cache(args.cache, cache)
-        print(f"{name} split {split} {method}: LL {row.get('test_ll', float('nan')):.3f} "
+        ll = row.get("test_ll", float("nan"))
+        print(f"{name} split {split} {_key(method, args)}: LL {ll:.3f} "
               f"RMSE {row.get('rmse', float('nan')):.3f} ({wall:.0f} s)", flush=True)
 
 
@@ -161,7 +202,7 @@ def collect(cache: dict, name: str, method: str, key: str) -> list[float]:
 def table(cache: dict, methods: list[str]) -> str:
     present = [m for m in methods if any(k.endswith(f"/{m}") for k in cache)]
     lines = [
-        "| set | " + " | ".join(LABELS[m] for m in present)
+        "| set | " + " | ".join(COLUMN_LABELS[m] for m in present)
         + " | SWAG (paper) | MC dropout (paper) |",
         "|---|" + "---|" * (len(present) + 2),
     ]
@@ -171,12 +212,13 @@ def table(cache: dict, methods: list[str]) -> str:
         pub_txt = f"{pub:.3f}" if pub is not None else "–"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {pub_txt}"
                      f" | {PUBLISHED_DROPOUT[name]:.2f} |")
-    rmse = ["", "| set (RMSE) | " + " | ".join(LABELS[m] for m in present) + " |",
+    rmse = ["", "| set (RMSE) | " + " | ".join(COLUMN_LABELS[m] for m in present) + " |",
             "|---|" + "---|" * len(present)]
     for name in SETS:
         rmse.append(f"| {name} | " + " | ".join(
             _cell(collect(cache, name, m, "rmse")) for m in present) + " |")
-    wall = ["", "| set (wall s per split) | " + " | ".join(LABELS[m] for m in present) + " |",
+    wall = ["", "| set (wall s per split) | "
+            + " | ".join(COLUMN_LABELS[m] for m in present) + " |",
             "|---|" + "---|" * len(present)]
     for name in SETS:
         wall.append(f"| {name} | " + " | ".join(
@@ -188,14 +230,17 @@ def verdict(cache: dict) -> list[str]:
     """The acceptance targets, checked on the splits run."""
     out, wins = [], 0
     for name in SETS:
-        ll = collect(cache, name, "swag", "test_ll")
+        method = "swag_b" if len(collect(cache, name, "swag_b", "test_ll")) >= (
+            5 if name == "protein" else 20) else "swag"
+        ll = collect(cache, name, method, "test_ll")
         if not ll:
             out.append(f"- {name}: no SWAG result yet.")
             continue
         mean, _ = _mean_se(ll)
         if mean >= PUBLISHED_DROPOUT[name]:
             wins += 1
-        parts = [f"SWAG {mean:.3f} over {len(ll)} split(s)"]
+        recipe = "B" if method == "swag_b" else "A"
+        parts = [f"SWAG (recipe {recipe}) {mean:.3f} over {len(ll)} split(s)"]
         if name in PUBLISHED_SWAG:
             ok = mean >= PUBLISHED_SWAG[name]
             parts.append(f"{'≥' if ok else '<'} published SWAG {PUBLISHED_SWAG[name]}"
@@ -204,6 +249,24 @@ def verdict(cache: dict) -> list[str]:
         parts.append(f"{'≥' if ok else '<'} MC dropout {PUBLISHED_DROPOUT[name]}")
         out.append(f"- {name}: " + ", ".join(parts) + ".")
     out.append(f"- SWAG ≥ MC dropout on {wins} of 9 sets (target: ≥ 5).")
+    return out
+
+
+def paired(cache: dict) -> list[str]:
+    """Recipe B against recipe A on the same splits (test LL)."""
+    out = []
+    for name in SETS:
+        rows = {m: {k.split("/")[1]: float(r["test_ll"]) for k, r in cache.items()
+                    if k.startswith(f"{name}/") and k.endswith(f"/{m}")
+                    and r.get("status") == "ok"} for m in ("swag", "swag_b")}
+        common = sorted(set(rows["swag"]) & set(rows["swag_b"]), key=int)
+        if not common:
+            continue
+        diff = [rows["swag_b"][i] - rows["swag"][i] for i in common]
+        mean, se = _mean_se(diff)
+        se_txt = f" ± {se:.3f}" if math.isfinite(se) else ""
+        out.append(f"- {name}: B − A = {mean:+.3f}{se_txt} nats per point; B better on "
+                   f"{sum(d > 0 for d in diff)} of {len(diff)} splits.")
     return out
 
 
@@ -229,7 +292,8 @@ def write_table(cache: dict, path: Path, args) -> str:
         f"The standard protocol uses 20 splits (5 for protein); splits run: {runs} "
         "(SWAG splits per set).",
         "",
-        f"Settings: Adam pre-training to the MAP (up to {args.pretrain_steps} steps, batch 128; "
+        f"Recipe A (columns marked A; the first run): Adam pre-training to the MAP (up to "
+        f"{args.pretrain_steps} steps, batch 128; "
         "512 for kin8nm/naval/power/protein; learning rate 0.01 decayed towards 0.001; early "
         "stopping on 10 % of the training split held out, checked every 100 steps, patience "
         "10), then SGD with momentum 0.9 on all training data at the per-datum rate 0.1/τ̂ "
@@ -241,9 +305,26 @@ def write_table(cache: dict, path: Path, args) -> str:
         "on the small sets, when run. "
         "Each cached row records its settings.",
         "",
+        "Recipe B (columns marked B; `--recipe b`, cached as `swag_b` in "
+        "`uci_cache_d.json`): recipe A with longer pre-training and two settings chosen per "
+        "split on the 10 % of that split's *training* data that pre-training holds out (never "
+        "on test data): (1) Adam up to 10000 steps on the small sets (boston, concrete, "
+        "energy, wine, yacht) and 20000 on the large ones, early-stopping patience 30 checks; "
+        "on the small sets pre-training runs twice, with batch 128 and full batch (same seed "
+        "and start), and the run whose early-stopped point has the higher held-out "
+        "log-likelihood is kept (the large sets use batch 512 only); (2) the SWA rate c in "
+        "c/τ̂ from {0.03, 0.1, 0.3}: the SWA phase runs from the MAP on the pre-training part "
+        "for each c, the c whose SWAG predictive (100 draws) has the best held-out "
+        "log-likelihood wins, and the SWA phase is then rerun on all training data at that c "
+        "(`CompareConfig(pretrain_batch_grid=..., swa_c_grid=...)`). The recipe (grids, step "
+        "caps, patience) was fixed after trying it on splits 0–2 of yacht, boston, concrete, "
+        "wine, energy and split 0 of naval, kin8nm and power, before the 20-split runs. "
+        "Everything else (SWA phase, rank, snapshots, draws) is as in recipe A. Sets without "
+        "a recipe-B column were not re-run (time).",
+        "",
         "## Test log-likelihood (higher is better), RMSE and wall time",
         "",
-        table(cache, METHODS),
+        table(cache, COLUMNS),
         "",
         "Wall time is fit + 100 draws per split on the shared machine (other jobs running, this "
         "one at low priority and at times paused), so it overstates the cost on an idle "
@@ -253,30 +334,39 @@ def write_table(cache: dict, path: Path, args) -> str:
         "## Against the targets",
         "",
         "Targets: SWAG's test LL ≥ the published SWAG value on its 5 sets, and ≥ MC dropout on "
-        "at least 5 of 9. Checked on the splits run:",
+        "at least 5 of 9. Checked with recipe B where it ran on all splits of a set "
+        "(20, 5 for protein), whether it is better or worse there, else with recipe A "
+        "(one recipe per set; neither was chosen per set from these 20-split results):",
         "",
         *verdict(cache),
         "",
+        "Recipe B against recipe A, paired by split (test LL; for the record, not used to "
+        "choose anything):",
+        "",
+        *paired(cache),
+        "",
         "## Why we fall short, and what to try",
         "",
-        "- **naval**: first the SWA phase was unstable: at the per-datum rate 0.1/τ̂ alone the "
-        "noise scale reached 0, and after restarts at 3x smaller rates the iterates wandered "
-        "(split 0: test LL −8.3). The largest per-datum Hessian eigenvalue at the MAP was "
-        "8077 against τ̂ = 35 (nearly collinear inputs), far outside SGD's stable range; the "
-        "rate is now capped at half that limit (`swa_stability`, binding only where needed: "
-        "not on boston, yacht, diabetes), which gives the values above. The remaining gap to "
-        "the published 6.708 is the fit: the early-stopped Adam MAP (τ̂ ≈ 35, i.e. noise sd "
-        "0.17 in standardised units) is far from naval's near-noise-free optimum; much longer "
-        "pre-training is the thing to try.",
-        "- **yacht**: the fit, not the posterior, limits it (as measured before the code). On "
-        "split 0, full-batch Adam pre-training (4000 steps, 50 snapshots) reached −0.37, "
-        "better than the published −0.404, but over-fits noisy sets (boston −3.02); batch 128 "
-        "gave −0.58 and batch 128 with early stopping −0.65 at those lengths. The shorter "
-        "benchmark run (3000 steps, early stopping on a 28-point held-out set, 30 snapshots) "
-        "gets the value above.",
+        "- **naval**: the SWA phase was first unstable (the largest per-datum Hessian "
+        "eigenvalue at the MAP, 8077, against τ̂ = 35: nearly collinear inputs); the rate is "
+        "capped at half SGD-with-momentum's stability limit (`swa_stability`, binding only "
+        "where needed). Recipe A's early-stopped MAP (3000 steps, τ̂ ≈ 35, noise sd 0.17 in "
+        "standardised units) was the limit; recipe B's 20000 steps reach τ̂ ≈ 600–800 (noise sd "
+        "≈ 0.04) and 6.35, still short of the published 6.708. On split 0, 40000 steps gave "
+        "6.31 against 6.23 at 20000 (a small further gain, not run on all splits).",
+        "- **yacht**: fit-limited. Full-batch Adam fits yacht far better (recipe B on "
+        "splits 0–2, where full batch was chosen: +0.04 to +0.16, better than the published "
+        "−0.404 and NUTS's −0.320 on split 0), but the per-split choice of batch on a "
+        "28-point held-out set picked batch 128 on 10 of 20 splits, and one split (11) has "
+        "an over-confident outlier (−4.19); recipe B's mean stays short of −0.404. A fixed "
+        "full batch for yacht might do better (not run), but choosing it now would use the "
+        "test results above.",
+        "- **kin8nm**: recipe A's 3000 Adam steps under-fitted; 20000 steps and c = 0.03 "
+        "(chosen on every split) give 1.243, above MC dropout's 1.14 and SVI's 1.156.",
         "- **MC dropout's numbers** come from 20 splits with the dropout rate and noise "
-        "precision chosen per split by grid search on validation data; ours use one setting "
-        "for every set and a few splits.",
+        "precision chosen per split by grid search on validation data (40 runs per split); "
+        "recipe B chooses two settings per split (2 pre-training runs on the small sets, 3 "
+        "short SWA phases).",
         "",
         *(["## Failed or skipped runs", "", *notes, ""] if notes else []),
     ])
@@ -301,6 +391,10 @@ def main(argv=None) -> int:
     parser.add_argument("--nuts-budget", type=float, default=300.0)
     parser.add_argument("--start-split", type=int, default=0,
                         help="first split to run (to extend a finished run in a new cache file)")
+    parser.add_argument("--recipe", choices=["a", "b"], default="a",
+                        help="a: the first benchmark recipe; b: longer pre-training and the "
+                             "SWA rate (small sets: also the Adam batch) chosen on held-out "
+                             "training data (rows cached as swag_b, multiswag_b)")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
