@@ -323,7 +323,8 @@ def write_table(cache: dict, path: Path, args) -> str:
         "concrete, wine 0–2, energy 0–1, naval, kin8nm, power 0), whose test LL was looked "
         "at as well as the held-out one, before the 20-split runs (which include those "
         "splits). Everything else (SWA phase, rank, snapshots, draws) is as in recipe A. "
-        "Sets with no recipe-B numbers were not re-run (time).",
+        "MultiSWAG and the SVI baselines were not re-run: their columns are recipe A's "
+        "(time).",
         "",
         "## Test log-likelihood (higher is better), RMSE and wall time",
         "",
