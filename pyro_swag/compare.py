@@ -14,6 +14,7 @@ The model contract is the one of :class:`~pyro_swag.models.BayesianMLP`:
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -141,6 +142,15 @@ class CompareConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
         if self.swa_snapshots < 2:
             raise ValueError(f"swa_snapshots must be >= 2, got swa_snapshots={self.swa_snapshots}")
+        grids = (("pretrain_batch_grid", lambda v: isinstance(v, int) and v >= 1),
+                 ("swa_c_grid", lambda v: isinstance(v, (int, float)) and 0 < v < math.inf))
+        for name, ok in grids:
+            grid = getattr(self, name)
+            if grid is not None and (not grid or not all(ok(v) for v in grid)):
+                raise ValueError(
+                    f"{name} must be None or a non-empty tuple of positive "
+                    f"{'ints' if 'batch' in name else 'numbers'}, got {name}={grid!r}"
+                )
 
 
 def quick_config(**overrides) -> CompareConfig:

@@ -198,3 +198,26 @@ def test_swa_rate_is_capped_by_the_curvature():
     assert curvature > 0
     assert capped.extra["swa_lr"] == pytest.approx(1e-4 * 2 * 1.9 / curvature)
     assert capped.extra["swa_lr"] < capped.extra["swa_lr_uncapped"]
+
+
+def test_per_run_selection_picks_the_best_held_out_setting():
+    from pyro_swag.compare_methods import train_swag
+
+    data = _small()
+    cfg = tiny(pretrain_batch_grid=(16, 90), swa_c_grid=(0.03, 0.3))
+    run = train_swag(make_model(data), data, cfg, seed=0, quiet=True)
+    assert run["pretrain_batch"] in (16, 90) and math.isfinite(run["pretrain_val_ll"])
+    selection = run["swa_c_selection"]
+    assert set(selection) == {0.03, 0.3}
+    assert run["swa_c"] == pytest.approx(max(selection, key=selection.get))
+    assert run["snapshots"] == cfg.swa_snapshots  # the final phase ran on all training data
+    default = train_swag(make_model(data), data, tiny(), seed=0, quiet=True)
+    assert default["swa_c_selection"] is None and default["swa_c"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("grid", [dict(swa_c_grid=()), dict(swa_c_grid=(0.1, -1.0)),
+                                  dict(pretrain_batch_grid=(0,))])
+def test_bad_selection_grid_names_the_argument(grid):
+    name = next(iter(grid))
+    with pytest.raises(ValueError, match=f"{name} must be None or a non-empty tuple"):
+        tiny(**grid)
