@@ -1,0 +1,252 @@
+"""Tables of the UCI benchmark (:mod:`uci`): mean ± standard error per set and method, the
+targets (published SWAG and MC dropout), recipe B against recipe A paired by split, and the
+markdown page ``docs/results/uci.md``."""
+
+from __future__ import annotations
+
+import math
+import platform
+from pathlib import Path
+
+import torch
+
+from pyro_swag.compare_methods import LABELS
+
+SETS = ["boston", "concrete", "energy", "kin8nm", "naval", "power", "protein", "wine", "yacht"]
+COLUMNS = ["swag", "swag_b", "multiswag", "multiswag_b", "svi_normal", "svi_lowrank", "nuts"]
+COLUMN_LABELS = {**LABELS, "swag": "SWAG (A)", "swag_b": "SWAG (B)", "multiswag": "MultiSWAG (A)",
+                 "multiswag_b": "MultiSWAG (B)", "swag_diag_b": "SWAG-Diag (B)"}
+# Published test LL (original units): SWAG (Izmailov et al. 2019, Table 2) and MC dropout with
+# grid search (Gal & Ghahramani 2016, DropoutUncertaintyExps).
+PUBLISHED_SWAG = {"boston": -2.761, "concrete": -3.013, "energy": -1.679, "naval": 6.708,
+                  "yacht": -0.404}
+PUBLISHED_DROPOUT = {"boston": -2.40, "concrete": -2.93, "energy": -1.21, "kin8nm": 1.14,
+                     "naval": 4.45, "power": -2.80, "protein": -2.87, "wine": -0.93,
+                     "yacht": -1.25}
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def _cell(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "–"
+    mean, se = _mean_se(values)
+    se_txt = f" ± {se:.{digits}f}" if math.isfinite(se) else ""
+    return f"{mean:.{digits}f}{se_txt} ({len(values)})"
+
+
+def collect(cache: dict, name: str, method: str, key: str) -> list[float]:
+    out = []
+    for k, row in cache.items():
+        s, _split, m = k.split("/")
+        if s == name and m == method and row.get("status") == "ok" and key in row:
+            out.append(float(row[key]))
+    return out
+
+
+def table(cache: dict, methods: list[str]) -> str:
+    present = [m for m in methods if any(k.endswith(f"/{m}") for k in cache)]
+    lines = [
+        "| set | " + " | ".join(COLUMN_LABELS[m] for m in present)
+        + " | SWAG (paper) | MC dropout (paper) |",
+        "|---|" + "---|" * (len(present) + 2),
+    ]
+    for name in SETS:
+        cells = [_cell(collect(cache, name, m, "test_ll")) for m in present]
+        pub = PUBLISHED_SWAG.get(name)
+        pub_txt = f"{pub:.3f}" if pub is not None else "–"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {pub_txt}"
+                     f" | {PUBLISHED_DROPOUT[name]:.2f} |")
+    rmse = ["", "| set (RMSE) | " + " | ".join(COLUMN_LABELS[m] for m in present) + " |",
+            "|---|" + "---|" * len(present)]
+    for name in SETS:
+        rmse.append(f"| {name} | " + " | ".join(
+            _cell(collect(cache, name, m, "rmse")) for m in present) + " |")
+    wall = ["", "| set (wall s per split) | "
+            + " | ".join(COLUMN_LABELS[m] for m in present) + " |",
+            "|---|" + "---|" * len(present)]
+    for name in SETS:
+        wall.append(f"| {name} | " + " | ".join(
+            _cell(collect(cache, name, m, "wall_s"), 0) for m in present) + " |")
+    return "\n".join(lines + rmse + wall)
+
+
+def verdict(cache: dict) -> list[str]:
+    """The acceptance targets, checked on the splits run."""
+    out, wins = [], 0
+    for name in SETS:
+        method = "swag_b" if len(collect(cache, name, "swag_b", "test_ll")) >= (
+            5 if name == "protein" else 20) else "swag"
+        ll = collect(cache, name, method, "test_ll")
+        if not ll:
+            out.append(f"- {name}: no SWAG result yet.")
+            continue
+        mean, _ = _mean_se(ll)
+        if mean >= PUBLISHED_DROPOUT[name]:
+            wins += 1
+        recipe = "B" if method == "swag_b" else "A"
+        parts = [f"SWAG (recipe {recipe}) {mean:.3f} over {len(ll)} split(s)"]
+        if name in PUBLISHED_SWAG:
+            ok = mean >= PUBLISHED_SWAG[name]
+            parts.append(f"{'≥' if ok else '<'} published SWAG {PUBLISHED_SWAG[name]}"
+                         + ("" if ok else " (**short**)"))
+        ok = mean >= PUBLISHED_DROPOUT[name]
+        parts.append(f"{'≥' if ok else '<'} MC dropout {PUBLISHED_DROPOUT[name]}")
+        out.append(f"- {name}: " + ", ".join(parts) + ".")
+    out.append(f"- SWAG ≥ MC dropout on {wins} of 9 sets (target: ≥ 5).")
+    return out
+
+
+def paired(cache: dict) -> list[str]:
+    """Recipe B against recipe A on the same splits (test LL)."""
+    out = []
+    for name in SETS:
+        rows = {m: {k.split("/")[1]: float(r["test_ll"]) for k, r in cache.items()
+                    if k.startswith(f"{name}/") and k.endswith(f"/{m}")
+                    and r.get("status") == "ok"} for m in ("swag", "swag_b")}
+        common = sorted(set(rows["swag"]) & set(rows["swag_b"]), key=int)
+        if not common:
+            continue
+        diff = [rows["swag_b"][i] - rows["swag"][i] for i in common]
+        mean, se = _mean_se(diff)
+        se_txt = f" ± {se:.3f}" if math.isfinite(se) else ""
+        out.append(f"- {name}: B − A = {mean:+.3f}{se_txt} nats per point; B better on "
+                   f"{sum(d > 0 for d in diff)} of {len(diff)} splits.")
+    return out
+
+
+def write_table(cache: dict, path: Path, args) -> str:
+    splits = {}
+    for k, row in cache.items():
+        s, split, m = k.split("/")
+        if m == "swag" and row.get("status") == "ok":
+            splits.setdefault(s, set()).add(int(split))
+    runs = ", ".join(f"{s} {len(splits.get(s, ()))}" for s in SETS)
+    notes = sorted({f"- {k}: {row['status']}: {row.get('note', '')}"
+                    for k, row in cache.items() if row.get("status") != "ok"})
+    text = "\n".join([
+        "# UCI regression benchmark",
+        "",
+        "Generated by `python benchmarks/uci.py` from `benchmarks/results/uci_cache*.json` "
+        f"({platform.machine()}, torch {torch.__version__}, 1 thread, shared 2-core machine).",
+        "",
+        "Protocol: standard splits (`UCI_Datasets`), inputs and targets standardised with "
+        "training statistics, one hidden layer of 50 tanh units with N(0, 1) priors and a "
+        "learned noise precision ~ Gamma(1, 0.01); test log-likelihood per point in original "
+        "units, **mean ± standard error over the splits run (number of splits in brackets)**. "
+        f"The standard protocol uses 20 splits (5 for protein); splits run: {runs} "
+        "(SWAG splits per set).",
+        "",
+        f"Recipe A (columns marked A; the first run): Adam pre-training to the MAP (up to "
+        f"{args.pretrain_steps} steps, batch 128; "
+        "512 for kin8nm/naval/power/protein; learning rate 0.01 decayed towards 0.001; early "
+        "stopping on 10 % of the training split held out, checked every 100 steps, patience "
+        "10), then SGD with momentum 0.9 on all training data at the per-datum rate 0.1/τ̂ "
+        "(τ̂: learned noise precision at the MAP), batch 32, "
+        f"{args.snapshots} snapshots (one per epoch, or every 50 steps on long epochs, 20 on "
+        f"the large sets), rank 20, 100 posterior draws; MultiSWAG = {args.multiswag_runs} "
+        f"independent runs; SVI: Adam {args.svi_steps} steps, same batch sizes and schedule as "
+        "pre-training, `init_scale` 0.01. NUTS (250 + 250, max tree depth 6, from the MAP) only "
+        "on the small sets, when run. "
+        "Each cached row records its settings.",
+        "",
+        "Recipe B (columns marked B; `--recipe b`, cached as `swag_b` in "
+        "`uci_cache_d.json`, power and energy in `uci_cache_e.json`): recipe A with "
+        "longer pre-training and two settings chosen per split on the 10 % of that split's "
+        "*training* data that pre-training holds out (never on test data): (1) Adam up to "
+        "10000 steps on the small sets (boston, concrete, "
+        "energy, wine, yacht) and 20000 on the large ones, early-stopping patience 30 checks; "
+        "on the small sets pre-training runs twice, with batch 128 and full batch (same seed "
+        "and start), and the run whose early-stopped point has the higher held-out "
+        "log-likelihood is kept (the large sets use batch 512 only); (2) the SWA rate c in "
+        "c/τ̂ from {0.03, 0.1, 0.3}: the SWA phase runs from the MAP on the pre-training part "
+        "for each c, the c whose SWAG predictive (100 draws) has the best held-out "
+        "log-likelihood wins, and the SWA phase is then rerun on all training data at that c "
+        "(`CompareConfig(pretrain_batch_grid=..., swa_c_grid=...)`). The recipe (grids, "
+        "step caps, patience) was fixed after trials on a few splits (yacht, boston, "
+        "concrete, wine 0–2, energy 0–1, naval, kin8nm, power 0), whose test LL was looked "
+        "at as well as the held-out one, before the 20-split runs (which include those "
+        "splits). Everything else (SWA phase, rank, snapshots, draws) is as in recipe A. "
+        "MultiSWAG and the SVI baselines were not re-run: their columns are recipe A's "
+        "(time).",
+        "",
+        "## Test log-likelihood (higher is better), RMSE and wall time",
+        "",
+        table(cache, COLUMNS),
+        "",
+        "Wall time is fit + 100 draws per split. Recipe A ran on the shared machine (other "
+        "jobs running, this one at low priority and at times paused), so its times overstate "
+        "the cost on an idle machine several-fold; MultiSWAG's includes its first run (the "
+        "SWAG column's). Recipe B ran alone on one core (the other core busy with other "
+        "work); its times include the selection runs (2 pre-trainings on the small sets, 3 "
+        "SWA phases on the pre-training part plus the final one).",
+        "",
+        "## Against the targets",
+        "",
+        "Targets: SWAG's test LL ≥ the published SWAG value on its 5 sets, and ≥ MC dropout on "
+        "at least 5 of 9. Checked with recipe B where it ran on all splits of a set "
+        "(20, 5 for protein), whether it is better or worse there, else with recipe A "
+        "(one recipe per set; neither was chosen per set from these 20-split results):",
+        "",
+        *verdict(cache),
+        "",
+        "Recipe B against recipe A, paired by split (test LL; for the record, not used to "
+        "choose anything):",
+        "",
+        *paired(cache),
+        "",
+        "## Why we fall short, and what to try",
+        "",
+        "- **naval**: the SWA phase was first unstable (the largest per-datum Hessian "
+        "eigenvalue at the MAP, 8077, against τ̂ = 35: nearly collinear inputs); the rate is "
+        "capped at half SGD-with-momentum's stability limit (`swa_stability`, binding only "
+        "where needed). Recipe A's early-stopped MAP (3000 steps, τ̂ ≈ 35, noise sd 0.17 in "
+        "standardised units) was the limit; recipe B's 20000 steps reach τ̂ ≈ 590–1670 (noise "
+        "sd 0.02–0.04) and 6.35, still short of the published 6.708. On split 0, 40000 steps gave "
+        "6.31 against 6.23 at 20000 (a small further gain, not run on all splits).",
+        "- **yacht**: fit-limited. Full-batch Adam fits yacht far better (recipe B on "
+        "splits 0–2, where full batch was chosen: +0.04 to +0.16, better than the published "
+        "−0.404 and NUTS's −0.320 on split 0), but the per-split choice of batch on a "
+        "28-point held-out set picked batch 128 on 10 of 20 splits, and one split (11) has "
+        "an over-confident outlier (−4.19); recipe B's mean stays short of −0.404. A fixed "
+        "full batch for yacht might do better (not run), but choosing it now would use the "
+        "test results above.",
+        "- **kin8nm**: recipe A's 3000 Adam steps under-fitted; 20000 steps and c = 0.03 "
+        "(chosen on every split) give 1.243, above MC dropout's 1.14 and SVI's 1.156.",
+        "- **concrete, boston**: recipe B changes little (concrete −3.097 against A's −3.112, "
+        "boston −2.525 against −2.557; see the paired differences above). The held-out part "
+        "(93 and 46 points) is too small to choose the batch reliably: on concrete full batch "
+        "was chosen on 10 of 20 splits and does badly on some (splits 0 and 4: −3.32, −3.37) "
+        "although the mean RMSE improves (5.18 against 5.33). Neither reaches the published "
+        "SWAG −3.013 on concrete nor MC dropout on either.",
+        "- **power**: recipe B −2.813 (RMSE 4.03 against A's 4.21; better than A on every "
+        "split), 0.013 short of MC dropout's −2.80. c = 0.03, the grid's smallest, won on "
+        "every power and kin8nm split: a grid reaching lower rates might gain more (not "
+        "tried).",
+        "- **protein**: recipe B −2.931 over the 5 splits (RMSE 4.43 against A's 4.85, better "
+        "on all 5), short of MC dropout's −2.87; still fit-limited (20000 steps of batch 512 "
+        "are 250 epochs on 41k points).",
+        "- **wine**: recipe B is *worse* than A (−0.982 against −0.962, worse on 16 of 20 "
+        "splits; batch 128 chosen on every split, so the difference is the longer "
+        "pre-training with patience 30 and the choice of c). A likely cause: with a 144-point "
+        "held-out part, keeping the best of many more checkpoints picks noise (not "
+        "verified). B is what the targets use for wine all the same: preferring A now "
+        "would be choosing by test results.",
+        "- **MC dropout's numbers** come from 20 splits with the dropout rate and noise "
+        "precision chosen per split by grid search on validation data; "
+        "recipe B chooses two settings per split (2 pre-training runs on the small sets, 3 "
+        "short SWA phases).",
+        "",
+        *(["## Failed or skipped runs", "", *notes, ""] if notes else []),
+    ])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    return text
+
+
