@@ -131,8 +131,7 @@ def choose_preconditioner(
     auto = damping == "auto"
     ladder = DAMPING_LADDER if auto else (damping,)
     if lr is None:
-        finite = (num_data - batch_size) / max(num_data - 1, 1)
-        lr = 2.0 * (1.0 - momentum) * batch_size / (num_data * max(finite, 1e-12))
+        lr = _matched_lr(num_data, batch_size, momentum)
     g = prior = None
     for d in ladder:
         if g is None:
@@ -151,6 +150,20 @@ def choose_preconditioner(
         stacklevel=3,
     )
     return pre
+
+
+_NO_NOISE = (
+    "zero preconditioned gradient noise (full batches or identical gradients); SWAG "
+    "needs minibatch noise: use a batch size smaller than the data"
+)
+
+
+def _matched_lr(num_data: int, batch_size: int, momentum: float) -> float:
+    """The matched rate :math:`2B(1-\\mu)/(N\\frac{N-B}{N-1})`."""
+    finite = (num_data - batch_size) / max(num_data - 1, 1)
+    if finite <= 0:
+        raise RuntimeError(_NO_NOISE)
+    return 2.0 * (1.0 - momentum) * batch_size / (num_data * finite)
 
 
 def preconditioned_lr(
@@ -176,13 +189,9 @@ def preconditioned_lr(
     """
     if rule not in ("matched", "kl"):
         raise ValueError(f"rule must be 'matched' or 'kl', got rule={rule!r}")
-    finite = (num_data - batch_size) / max(num_data - 1, 1)
-    if finite <= 0 or (rule == "kl" and not pre.noise_trace > 0):
-        raise RuntimeError(
-            "zero preconditioned gradient noise (full batches or identical gradients); SWAG "
-            "needs minibatch noise: use a batch size smaller than the data"
-        )
-    lr = 2.0 * (1.0 - momentum) * batch_size / (num_data * finite)
+    if rule == "kl" and not pre.noise_trace > 0:
+        raise RuntimeError(_NO_NOISE)
+    lr = _matched_lr(num_data, batch_size, momentum)
     if rule == "kl":
         lr *= pre.dim / pre.noise_trace
     if max_curvature:
