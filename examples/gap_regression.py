@@ -79,6 +79,19 @@ def interval_widths(draws: torch.Tensor, grid: torch.Tensor) -> tuple[float, flo
     return width[in_gap].mean().item(), width[on_data].mean().item()
 
 
+def evaluate(draws: torch.Tensor, y_test: torch.Tensor) -> dict:
+    """Widths, their ratio, held-out coverage and the 95 % band on :data:`GRID`, from
+    predictive ``draws`` at ``GRID`` followed by the test inputs."""
+    n = len(GRID)
+    gap_width, data_width = interval_widths(draws[:, :n], GRID)
+    lo, hi = draws.quantile(0.025, 0), draws.quantile(0.975, 0)
+    return {
+        "gap_width": gap_width, "data_width": data_width, "ratio": gap_width / data_width,
+        "coverage": ((y_test >= lo[n:]) & (y_test <= hi[n:])).float().mean().item(),
+        "lo": lo[:n].tolist(), "hi": hi[:n].tolist(),
+    }
+
+
 def run(seed: int = 0, runs: int = 5, epochs: int = 900, swa_start: int = 800,
         swa_lr: float | str = "auto", precondition: str | None = "full", num_samples: int = 400,
         quiet: bool | None = True, processes: int = 1, activation: str = ACTIVATION,
@@ -109,19 +122,10 @@ def run(seed: int = 0, runs: int = 5, epochs: int = 900, swa_start: int = 800,
     with torch.no_grad():
         draws = Predictive(model, guide=guide, num_samples=num_samples)(
             torch.cat([GRID[:, None], x_test]))["obs"]
-    grid_draws, test_draws = draws[:, : len(GRID)], draws[:, len(GRID):]
-    gap_width, data_width = interval_widths(grid_draws, GRID)
-    lo, hi = test_draws.quantile(0.025, 0), test_draws.quantile(0.975, 0)
-    return {
-        "gap_width": gap_width,
-        "data_width": data_width,
-        "ratio": gap_width / data_width,
-        "coverage": ((y_test >= lo) & (y_test <= hi)).float().mean().item(),
-        "seconds": seconds,
-        "guide": guide,
-        "model": model,
-        "plot": (x, y, grid_draws),
-    }
+    summary = evaluate(draws, y_test)
+    del summary["lo"], summary["hi"]
+    return {**summary, "seconds": seconds, "guide": guide, "model": model,
+            "plot": (x, y, draws[:, : len(GRID)])}
 
 
 def nuts_samples(seed: int = 0, warmup: int = 200, num_samples: int = 200,
@@ -160,15 +164,8 @@ def summarize_nuts(samples: dict, seed: int = 0) -> dict:
     with torch.no_grad():
         draws = Predictive(model, posterior_samples=samples)(
             torch.cat([GRID[:, None], x_test]))["obs"]
-    gap_width, data_width = interval_widths(draws[:, : len(GRID)], GRID)
-    lo, hi = draws.quantile(0.025, 0), draws.quantile(0.975, 0)
-    n = len(GRID)
-    return {
-        "gap_width": gap_width, "data_width": data_width, "ratio": gap_width / data_width,
-        "coverage": ((y_test >= lo[n:]) & (y_test <= hi[n:])).float().mean().item(),
-        "noise_sd": samples["precision"].rsqrt().mean().item(), "num_draws": draws.shape[0],
-        "lo": lo[:n].tolist(), "hi": hi[:n].tolist(),
-    }
+    return {**evaluate(draws, y_test), "noise_sd": samples["precision"].rsqrt().mean().item(),
+            "num_draws": draws.shape[0]}
 
 
 def load_nuts(path: Path = NUTS_CACHE) -> dict | None:
