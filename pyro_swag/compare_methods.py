@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .autoguide import SWAGCollector
 from .datatree import RecordingNUTS
 from .multiswag import MultiSWAG
+from .predictive import log_likelihood
 from .train import fit
 
 __all__ = ["METHODS", "MethodResult", "run_method", "guide_draws", "train_swag"]
@@ -215,14 +216,11 @@ def _pretrain(model, collector, x, y, train, val, pre_batch, config, quiet, desc
 
 @torch.no_grad()
 def _val_predictive(model, guide, xt, yt, xv, yv, num_samples: int) -> float:
-    """Held-out log predictive density per point of the mixture over ``guide``'s draws."""
-    rows = []
-    for _ in range(num_samples):
-        values = guide(xt[:2], yt[:2], num_data=xt.shape[0])
-        cond = pyro.poutine.condition(model, data=values)
-        trace = pyro.poutine.trace(cond).get_trace(xv, yv)
-        rows.append(trace.nodes["obs"]["fn"].log_prob(yv).reshape(-1))
-    loglik = torch.stack(rows)
+    """Held-out log predictive density per point of the mixture over ``guide``'s draws
+    (drawn one guide call at a time, the random stream the cached benchmark rows used)."""
+    draws = [guide(xt[:2], yt[:2], num_data=xt.shape[0]) for _ in range(num_samples)]
+    samples = {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
+    loglik = log_likelihood(model, samples, xv, yv)["obs"]
     return float((loglik.logsumexp(0) - math.log(num_samples)).mean())
 
 
