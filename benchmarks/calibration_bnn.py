@@ -41,8 +41,9 @@ from torch.distributions import biject_to
 
 from pyro_swag.calibrate import calibrate
 from pyro_swag.compare import CompareConfig, make_model
-from pyro_swag.compare_methods import guide_draws, train_swag
+from pyro_swag.compare_methods import guide_draws
 from pyro_swag.compare_metrics import pointwise, scores
+from pyro_swag.compare_swag import train_swag
 from pyro_swag.data import load_dataset
 from pyro_swag.precondition import (
     estimate_preconditioner,
@@ -163,7 +164,7 @@ def _pack(collector, values: dict) -> torch.Tensor:
 
 
 def train(model, data, recipe: str, seed: int) -> dict:
-    """:func:`pyro_swag.compare_methods.train_swag` with ``recipe``'s settings; ``"precond"``
+    """:func:`pyro_swag.compare_swag.train_swag` with ``recipe``'s settings; ``"precond"``
     replaces the SWA phase by a preconditioned one from the pre-trained MAP (``P`` estimated
     there with damping :data:`DAMPING`; the matched rate ``2B(1 - mu)/N`` capped at half the
     stability limit of ``P H``, :func:`pyro_swag.precondition.preconditioned_lr`)."""
@@ -401,7 +402,7 @@ def main() -> None:
         tables.append(table)
     cmd = "python benchmarks/calibration_bnn.py " + " ".join(sys.argv[1:])
     legend = (
-        "Recipes (`recipe_config`): `main` = the main job's SWAG (`compare_methods.train_swag`, "
+        "Recipes (`recipe_config`): `main` = the main job's SWAG (`compare_swag.train_swag`, "
         "default `CompareConfig`); `long` = ≤ 20000 pre-training steps (early stopping, patience "
         "30 checks) and 150 SWA epochs; `precond` = `long`'s pre-training, then a preconditioned "
         f"SWA phase (P {PRECONDITION}, damping {DAMPING}). Variants: raw (scale 1), ELBO and PSIS "

@@ -47,18 +47,25 @@ class CompareConfig:
     pretrain_steps : int
         Adam (MAP) steps before the SWA phase.
     pretrain_lr : float
-        Adam learning rate.
+        Adam learning rate at the start of pre-training.
+    pretrain_lr_decay : float
+        The Adam rate decays geometrically to ``pretrain_lr * pretrain_lr_decay`` over
+        ``pretrain_steps`` (in ``(0, 1]``; 1: constant).
     pretrain_batch_size : int
         Minibatch size of the Adam phases (MAP pre-training and the SVI baselines).
     pretrain_val_fraction : float
         Early stopping of pre-training: this share of the training data is held out and
         the pre-training point with the best held-out log-likelihood (checked every
         ``eval_every`` steps) is kept; pre-training stops after ``patience`` checks
-        without improvement. The SWA phase then uses all training data. 0: off.
+        without improvement (``patience=None``: it runs all ``pretrain_steps``, still keeping
+        the best held-out point). The SWA phase then uses all training data. 0: off.
     pretrain_batch_grid : tuple of int or None
         When set (and ``pretrain_val_fraction > 0``), pre-training runs once per batch size
         of this grid (same seed and start) and keeps the run whose early-stopped point has
         the best held-out log-likelihood. ``None``: ``pretrain_batch_size``.
+    pretrain_lr_decay_grid : tuple of float or None
+        Likewise for ``pretrain_lr_decay`` (crossed with ``pretrain_batch_grid`` when both
+        are set). ``None``: ``pretrain_lr_decay``.
     jit : bool
         Use ``JitTrace_ELBO`` in the Adam phases (~3x faster on small nets).
     swa_c : float
@@ -104,11 +111,13 @@ class CompareConfig:
     batch_size: int = 32
     pretrain_steps: int = 3000
     pretrain_lr: float = 1e-2
+    pretrain_lr_decay: float = 0.1
     pretrain_batch_size: int = 128
     pretrain_val_fraction: float = 0.1
     pretrain_batch_grid: tuple[int, ...] | None = None
+    pretrain_lr_decay_grid: tuple[float, ...] | None = None
     eval_every: int = 100
-    patience: int = 10
+    patience: int | None = 10
     jit: bool = True
     swa_c: float = 0.1
     swa_c_grid: tuple[float, ...] | None = None
@@ -140,16 +149,29 @@ class CompareConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
+        if self.patience is not None and (not isinstance(self.patience, int)
+                                          or self.patience < 1):
+            raise ValueError(f"patience must be None or an int >= 1, got "
+                             f"patience={self.patience!r}")
+        if not 0 < self.pretrain_lr_decay <= 1:
+            raise ValueError(
+                f"pretrain_lr_decay must be in (0, 1], got "
+                f"pretrain_lr_decay={self.pretrain_lr_decay!r}"
+            )
         if self.swa_snapshots < 2:
             raise ValueError(f"swa_snapshots must be >= 2, got swa_snapshots={self.swa_snapshots}")
-        grids = (("pretrain_batch_grid", lambda v: isinstance(v, int) and v >= 1),
-                 ("swa_c_grid", lambda v: isinstance(v, (int, float)) and 0 < v < math.inf))
-        for name, ok in grids:
+        grids = (
+            ("pretrain_batch_grid", lambda v: isinstance(v, int) and v >= 1, "positive ints"),
+            ("pretrain_lr_decay_grid", lambda v: isinstance(v, (int, float)) and 0 < v <= 1,
+             "numbers in (0, 1]"),
+            ("swa_c_grid", lambda v: isinstance(v, (int, float)) and 0 < v < math.inf,
+             "positive numbers"),
+        )
+        for name, ok, what in grids:
             grid = getattr(self, name)
             if grid is not None and (not grid or not all(ok(v) for v in grid)):
                 raise ValueError(
-                    f"{name} must be None or a non-empty tuple of positive "
-                    f"{'ints' if 'batch' in name else 'numbers'}, got {name}={grid!r}"
+                    f"{name} must be None or a non-empty tuple of {what}, got {name}={grid!r}"
                 )
 
 

@@ -16,18 +16,16 @@ from typing import Any
 import pyro
 import pyro.optim
 import torch
-from pyro.infer import MCMC, SVI, JitTrace_ELBO, Trace_ELBO
+from pyro.infer import MCMC, SVI
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
-from pyro.infer.autoguide.initialization import init_to_median, init_to_value
+from pyro.infer.autoguide.initialization import init_to_value
 from tqdm.auto import tqdm
 
-from .autoguide import SWAGCollector
+from .compare_swag import _batches, _elbo, _init_fn, train_swag
 from .datatree import RecordingNUTS
 from .multiswag import MultiSWAG
-from .predictive import log_likelihood
-from .train import fit
 
-__all__ = ["METHODS", "MethodResult", "run_method", "guide_draws", "train_swag"]
+__all__ = ["METHODS", "MethodResult", "run_method", "guide_draws"]
 
 #: Method names, in report order.
 METHODS = (
@@ -55,218 +53,12 @@ class MethodResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _init_fn(model):
-    make = getattr(model, "init_loc_fn", None)
-    return make() if callable(make) else init_to_median
-
-
-def _batches(n: int, batch: int):
-    while True:
-        perm = torch.randperm(n)
-        for i in range(0, n - batch + 1, batch):
-            yield perm[i : i + batch]
-
-
-def _elbo(config):
-    # The compiled ELBO is ~3x faster on small nets (Pyro's overhead dominates them).
-    if config.jit:
-        return JitTrace_ELBO(ignore_jit_warnings=True)
-    return Trace_ELBO()
-
-
-def _curvature(model, collector, x, y, batch: int) -> float | None:
-    """Largest eigenvalue of the per-datum loss Hessian at the current point (power iteration
-    on Hessian-vector products, :func:`pyro_swag.lr.gradient_noise`)."""
-    from .lr import gradient_noise
-
-    n = x.shape[0]
-    gen = torch.Generator().manual_seed(0)  # leaves the global RNG (and so the run) untouched
-    perm = torch.randperm(n, generator=gen)
-    batches = [(x[perm[i : i + batch]], y[perm[i : i + batch]])
-               for i in range(0, min(n, 8 * batch) - batch + 1, batch)]
-    with torch.random.fork_rng():  # the power iteration's random start stays out of the run
-        stats = gradient_noise(model, collector, batches, num_data=n, max_batches=8,
-                               curvature_iters=10)
-    lam = stats.max_curvature
-    return float(lam) / n if lam and math.isfinite(lam) and lam > 0 else None
-
-
-def _holdout(n: int, fraction: float, seed: int):
-    """Indices of the pre-training part and of the held-out part (None when fraction=0)."""
-    if fraction <= 0 or n < 20:
-        return torch.arange(n), None
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    k = max(1, round(fraction * n))
-    return perm[k:].sort().values, perm[:k]
-
-
-@torch.no_grad()
-def _val_loglik(model, collector, x, y, val) -> float:
-    values = collector(x[:2], y[:2], num_data=x.shape[0])
-    cond = pyro.poutine.condition(model, data=values)
-    trace = pyro.poutine.trace(cond).get_trace(x[val], y[val])
-    return float(trace.nodes["obs"]["fn"].log_prob(y[val]).mean())
-
-
-def _precision(model, values: dict[str, torch.Tensor]) -> float:
-    """Noise precision ``tau_hat`` at the MAP (1 for classification)."""
-    if "precision" in values:
-        return float(values["precision"])
-    noise = getattr(model, "noise", None)
-    if isinstance(noise, (int, float)) and getattr(model, "likelihood", "") == "gaussian":
-        return 1.0 / float(noise) ** 2
-    return 1.0
-
-
 @torch.no_grad()
 def guide_draws(guide, data, num_samples: int) -> dict[str, torch.Tensor]:
     """``num_samples`` draws of every latent site from an autoguide (constrained values)."""
     args, kw = (data.x_train, data.y_train), {"num_data": data.x_train.shape[0]}
     samples = [guide(*args, **kw) for _ in range(num_samples)]
     return {k: torch.stack([s[k].detach() for s in samples]) for k in samples[0]}
-
-
-def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") -> dict:
-    """Adam pre-training to the MAP, then :func:`pyro_swag.train.fit`'s SWA phase.
-
-    Returns a dict with the collector, the SWAG guide, the MAP values, ``tau_hat``,
-    the SWA learning rate and the wall times of both phases.
-    """
-    x, y = data.x_train, data.y_train
-    n = x.shape[0]
-    batch = min(config.batch_size, n)
-    train, val = _holdout(n, config.pretrain_val_fraction, seed)
-    xt, yt = x[train], y[train]
-    start = time.perf_counter()
-    grid = config.pretrain_batch_grid if val is not None else None
-    best_loc, pre_ll, pre_batch = None, -math.inf, None
-    for size in grid or (config.pretrain_batch_size or batch,):
-        pyro.clear_param_store()
-        pyro.set_rng_seed(seed)
-        collector = SWAGCollector(model, rank=config.rank, init_loc_fn=_init_fn(model))
-        ll = _pretrain(model, collector, x, y, train, val, min(size, n), config, quiet, desc)
-        if best_loc is None or ll > pre_ll:  # pretraining batch size chosen on held-out data
-            best_loc, pre_ll, pre_batch = collector.loc.detach().clone(), ll, size
-    with torch.no_grad():
-        collector.loc.copy_(best_loc)
-        map_values = {k: v.detach().clone() for k, v in collector(x, y, num_data=n).items()}
-    pretrain_s = time.perf_counter() - start
-    tau = _precision(model, map_values)
-    lr_uncapped, curvature, cap = config.swa_c / tau, None, math.inf
-    if config.swa_stability is not None:  # keep SGD inside its stable range
-        curvature = _curvature(model, collector, x, y, batch)
-        if curvature:
-            cap = config.swa_stability * 2 * (1 + 0.9) / curvature
-    start = time.perf_counter()
-    map_loc, selection = collector.loc.detach().clone(), None
-    if config.swa_c_grid and val is not None:  # per-run rate chosen on the held-out part
-        selection = {}
-        for c in config.swa_c_grid:
-            try:
-                g, _, _ = _swa_phase(model, collector, xt, yt, min(c / tau, cap), config,
-                                     map_loc, quiet, desc)
-                selection[c] = _val_predictive(model, g, xt, yt, x[val], y[val],
-                                               config.num_samples)
-            except RuntimeError:  # diverged at every retry: this rate loses
-                selection[c] = -math.inf
-        best_c = max(selection, key=selection.get)
-        lr_uncapped = best_c / tau
-    guide, lr, retries = _swa_phase(model, collector, x, y, min(lr_uncapped, cap), config,
-                                    map_loc, quiet, desc)
-    return {
-        "collector": collector, "guide": guide, "map": map_values, "tau_hat": tau,
-        "swa_lr": lr, "swa_lr_uncapped": lr_uncapped, "curvature": curvature,
-        "swa_retries": retries, "pretrain_s": pretrain_s,
-        "swa_s": time.perf_counter() - start, "snapshots": collector.num_snapshots,
-        "swa_c": lr_uncapped * tau, "swa_c_selection": selection,
-        "pretrain_batch": pre_batch, "pretrain_val_ll": pre_ll,
-    }
-
-
-def _pretrain(model, collector, x, y, train, val, pre_batch, config, quiet, desc) -> float:
-    """Adam on ``(x, y)[train]`` with early stopping on ``val`` (the best held-out point is
-    restored); returns its held-out log-likelihood (``-inf`` without ``val``)."""
-    xt, yt, nt = x[train], y[train], train.numel()
-    steps = config.pretrain_steps
-    optim = pyro.optim.ClippedAdam(
-        {"lr": config.pretrain_lr, "clip_norm": 10.0, "lrd": 0.1 ** (1 / steps)}
-    )
-    scaled = pyro.poutine.scale(model, scale=1.0 / nt)
-    svi = SVI(scaled, pyro.poutine.scale(collector, scale=1.0 / nt), optim, _elbo(config))
-    it = _batches(nt, min(pre_batch, nt))
-    best, best_ll, stale = None, -math.inf, 0
-    for step in tqdm(range(steps), desc=f"{desc} pre-train", disable=quiet, leave=False):
-        idx = next(it)
-        loss = svi.step(xt[idx], yt[idx], num_data=nt)
-        if not math.isfinite(loss):
-            raise RuntimeError(f"{desc}: pre-training loss became {loss}; lower pretrain_lr")
-        if val is not None and ((step + 1) % config.eval_every == 0 or step + 1 == steps):
-            ll = _val_loglik(model, collector, x, y, val)
-            if ll > best_ll:
-                best, best_ll, stale = collector.loc.detach().clone(), ll, 0
-            else:
-                stale += 1
-                if stale >= config.patience:
-                    break
-    if best is not None:  # early stopping: the pre-training point best on held-out data
-        with torch.no_grad():
-            collector.loc.copy_(best)
-    return best_ll
-
-
-@torch.no_grad()
-def _val_predictive(model, guide, xt, yt, xv, yv, num_samples: int) -> float:
-    """Held-out log predictive density per point of the mixture over ``guide``'s draws
-    (drawn one guide call at a time, the random stream the cached benchmark rows used)."""
-    draws = [guide(xt[:2], yt[:2], num_data=xt.shape[0]) for _ in range(num_samples)]
-    samples = {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
-    loglik = log_likelihood(model, samples, xv, yv)["obs"]
-    return float((loglik.logsumexp(0) - math.log(num_samples)).mean())
-
-
-def _swa_phase(model, collector, x, y, lr, config, map_loc, quiet, desc):
-    """The SWA phase on ``(x, y)`` from ``map_loc`` with fresh moments; returns
-    ``(guide, lr, retries)`` (the rate after restarts at 3x smaller rates)."""
-    n = x.shape[0]
-    batch = min(config.batch_size, n)
-    per_epoch = math.ceil(n / batch)
-    if per_epoch <= config.max_collect_every:
-        epochs, every, every_steps = config.swa_snapshots, 1, None
-    else:
-        every_steps = config.max_collect_every
-        epochs, every = math.ceil(config.swa_snapshots * every_steps / per_epoch), 1
-    retries = 0
-    _reset(collector, map_loc)
-    while True:
-        try:
-            guide, _ = fit(
-                model, collector, (x, y), epochs=epochs, swa_start=0, swa_lr=lr,
-                batch_size=batch, collect_every=every, collect_every_steps=every_steps,
-                quiet=True if quiet else None,
-            )
-            if guide is not None and torch.isfinite(guide.loc).all():
-                return guide, lr, retries
-            err = RuntimeError("non-finite SWA mean")
-        except (ValueError, RuntimeError) as caught:  # e.g. the noise scale reached 0
-            err = caught
-        if retries == config.swa_retries:
-            raise RuntimeError(
-                f"{desc}: the SWA phase diverged at swa_lr={lr:.3g} after {retries} "
-                f"retries ({type(err).__name__}: {str(err)[:200]}); lower swa_c"
-            ) from err
-        # Unstable SGD (lr times the curvature ~ tau_hat too large): restart from the MAP
-        # with a 3x smaller rate and fresh moments.
-        retries, lr = retries + 1, lr / 3
-        _reset(collector, map_loc)
-
-
-def _reset(collector, map_loc) -> None:
-    """Back to the MAP with fresh (empty) moments."""
-    if collector.num_snapshots:
-        old = collector.moments
-        collector.moments = type(old)(old.rank, old.min_var, old.deviation_dtype, old.device)
-    with torch.no_grad():
-        collector.loc.copy_(map_loc)
 
 
 def _swag_run(ctx) -> dict:

@@ -111,6 +111,11 @@ def test_bad_config_names_the_argument():
         tiny(methods=("bogus",))
     with pytest.raises(ValueError, match="swa_snapshots must be"):
         tiny(swa_snapshots=1)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=f"pretrain_lr_decay={bad}"):
+            tiny(pretrain_lr_decay=bad)
+    with pytest.raises(ValueError, match="patience=0"):
+        tiny(patience=0)
 
 
 def test_cli_errors_exit_2(tmp_path, capsys):
@@ -201,12 +206,17 @@ def test_swa_rate_is_capped_by_the_curvature():
 
 
 def test_per_run_selection_picks_the_best_held_out_setting():
-    from pyro_swag.compare_methods import train_swag
+    from pyro_swag.compare_swag import train_swag
 
     data = _small()
-    cfg = tiny(pretrain_batch_grid=(16, 90), swa_c_grid=(0.03, 0.3))
+    cfg = tiny(pretrain_batch_grid=(16, 90), pretrain_lr_decay_grid=(0.1, 0.01),
+               swa_c_grid=(0.03, 0.3))
     run = train_swag(make_model(data), data, cfg, seed=0, quiet=True)
     assert run["pretrain_batch"] in (16, 90) and math.isfinite(run["pretrain_val_ll"])
+    pre = run["pretrain_selection"]
+    assert len(pre) == 4 and run["pretrain_val_ll"] == max(pre.values())
+    assert pre[f"batch={run['pretrain_batch']},lr_decay={run['pretrain_lr_decay']:g}"] == max(
+        pre.values())
     selection = run["swa_c_selection"]
     assert set(selection) == {0.03, 0.3}
     assert run["swa_c"] == pytest.approx(max(selection, key=selection.get))
@@ -216,8 +226,34 @@ def test_per_run_selection_picks_the_best_held_out_setting():
 
 
 @pytest.mark.parametrize("grid", [dict(swa_c_grid=()), dict(swa_c_grid=(0.1, -1.0)),
-                                  dict(pretrain_batch_grid=(0,))])
+                                  dict(pretrain_batch_grid=(0,)),
+                                  dict(pretrain_lr_decay_grid=(0.1, 2.0))])
 def test_bad_selection_grid_names_the_argument(grid):
     name = next(iter(grid))
     with pytest.raises(ValueError, match=f"{name} must be None or a non-empty tuple"):
         tiny(**grid)
+
+
+@pytest.mark.parametrize("patience, checks", [(None, 6), (1, 2)])
+def test_patience_none_runs_every_step_and_keeps_the_best_point(monkeypatch, patience, checks):
+    import pyro_swag.compare_swag as cs
+
+    scores_seen = iter([0.5, 0.1, 0.2, 0.3, 0.9, 0.4])  # best at the 5th check
+    seen, points = [], []
+
+    def fake_val_loglik(model, collector, x, y, val):
+        seen.append(next(scores_seen))
+        points.append(collector.loc.detach().clone())
+        return seen[-1]
+
+    monkeypatch.setattr(cs, "_val_loglik", fake_val_loglik)
+    data = _small()
+    cfg = tiny(pretrain_steps=60, eval_every=10, patience=patience, swa_c_grid=None)
+    run = cs.train_swag(make_model(data), data, cfg, seed=0, quiet=True)
+    assert len(seen) == checks and run["pretrain_val_ll"] == max(seen)
+    collector = run["collector"]
+    with torch.no_grad():  # the MAP handed to the SWA phase is the best held-out point
+        collector.loc.copy_(points[seen.index(max(seen))])
+        kept = collector(data.x_train, data.y_train, num_data=data.x_train.shape[0])
+    for name, value in run["map"].items():
+        torch.testing.assert_close(value, kept[name])
