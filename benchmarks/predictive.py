@@ -343,13 +343,19 @@ def table(runs, mem, num, n, mem_num, small, load, floors=(), device="cpu"):
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser_for(doc: str, out: Path) -> argparse.ArgumentParser:
+    """The options this benchmark and ``predictive_cuda.py`` share."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, write nothing")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--num", type=int, default=100)
     parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--out", default=str(OUT), help="where to write the table")
+    parser.add_argument("--out", default=str(out), help="where to write the table")
+    return parser
+
+
+def main() -> None:
+    parser = parser_for(__doc__, OUT)
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     default_threads = torch.get_num_threads()

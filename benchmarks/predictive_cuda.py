@@ -9,13 +9,12 @@ Run: ``python benchmarks/predictive_cuda.py`` (writes docs/results/predictive_cu
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
 import torch
-from predictive import CONFIGS, ROOT, _sync, make, table, timing_rows, write
+from predictive import CONFIGS, ROOT, _sync, make, parser_for, table, timing_rows, write
 
 from pyro_swag.predictive import predictive
 
@@ -42,13 +41,8 @@ def memory_rows_cuda(num, n, chunks, device):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, write nothing")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--num", type=int, default=100)
-    parser.add_argument("--n", type=int, default=1000)
+    parser = parser_for(__doc__, OUT)
     parser.add_argument("--device", default="cuda", help="cuda or cuda:i")
-    parser.add_argument("--out", default=str(OUT), help="where to write the table")
     args = parser.parse_args()
     if torch.device(args.device).type != "cuda" or not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
