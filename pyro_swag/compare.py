@@ -66,6 +66,11 @@ class CompareConfig:
     pretrain_lr_decay_grid : tuple of float or None
         Likewise for ``pretrain_lr_decay`` (crossed with ``pretrain_batch_grid`` when both
         are set). ``None``: ``pretrain_lr_decay``.
+    pretrain_select : {"map", "swag"}
+        How the pre-training run is chosen among the grids' runs: by its early-stopped
+        MAP's held-out log-likelihood (``"map"``), or, with ``swa_c_grid`` set, jointly with
+        ``swa_c`` by the held-out log-likelihood of the SWAG predictive that each
+        (run, rate) pair gives (``"swag"``: one short SWA phase per pair).
     jit : bool
         Use ``JitTrace_ELBO`` in the Adam phases (~3x faster on small nets).
     swa_c : float
@@ -116,6 +121,7 @@ class CompareConfig:
     pretrain_val_fraction: float = 0.1
     pretrain_batch_grid: tuple[int, ...] | None = None
     pretrain_lr_decay_grid: tuple[float, ...] | None = None
+    pretrain_select: str = "map"
     eval_every: int = 100
     patience: int | None = 10
     jit: bool = True
@@ -153,6 +159,9 @@ class CompareConfig:
                                           or self.patience < 1):
             raise ValueError(f"patience must be None or an int >= 1, got "
                              f"patience={self.patience!r}")
+        if self.pretrain_select not in ("map", "swag"):
+            raise ValueError(f"pretrain_select must be 'map' or 'swag', got "
+                             f"pretrain_select={self.pretrain_select!r}")
         if not 0 < self.pretrain_lr_decay <= 1:
             raise ValueError(
                 f"pretrain_lr_decay must be in (0, 1], got "

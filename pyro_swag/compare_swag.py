@@ -94,7 +94,7 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
     """Adam pre-training to the MAP, then :func:`pyro_swag.train.fit`'s SWA phase.
 
     Returns a dict with the collector, the SWAG guide, the MAP values, ``tau_hat``,
-    the SWA learning rate and the wall times of both phases.
+    the SWA learning rate, the held-out selections made and the wall times of both phases.
     """
     x, y = data.x_train, data.y_train
     n = x.shape[0]
@@ -107,7 +107,7 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
         config.pretrain_batch_size or batch,)
     decays = (config.pretrain_lr_decay_grid if held_out else None) or (
         config.pretrain_lr_decay,)
-    best_loc, pre_ll, pre_batch, pre_decay, pre_selection = None, -math.inf, None, None, {}
+    points, pre_selection = [], {}  # (held-out LL, point, batch, decay) per pre-training run
     for size, decay in itertools.product(sizes, decays):
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
@@ -115,43 +115,60 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
         ll = _pretrain(model, collector, x, y, train, val, min(size, n), decay, config, quiet,
                        desc)
         pre_selection[f"batch={size},lr_decay={decay:g}"] = ll
-        if best_loc is None or ll > pre_ll:  # pre-training settings chosen on held-out data
-            best_loc, pre_ll, pre_batch, pre_decay = collector.loc.detach().clone(), ll, size, decay
-    with torch.no_grad():
-        collector.loc.copy_(best_loc)
-        map_values = {k: v.detach().clone() for k, v in collector(x, y, num_data=n).items()}
+        points.append((ll, collector.loc.detach().clone(), size, decay))
     pretrain_s = time.perf_counter() - start
-    tau = _precision(model, map_values)
-    lr_uncapped, curvature, cap = config.swa_c / tau, None, math.inf
+    start = time.perf_counter()
+    grid = config.swa_c_grid if held_out else None
+    points.sort(key=lambda p: -p[0])  # best held-out MAP first (the first of equals)
+    if not (grid and config.pretrain_select == "swag"):
+        points = points[:1]  # pre-training chosen by the MAP's held-out log-likelihood
+    best = None
+    for ll, loc, size, decay in points:
+        map_values, tau, curvature, cap = _at(model, collector, loc, x, y, batch, config)
+        c, score, selection = config.swa_c, ll, None
+        if grid:  # the SWA rate (and pre-training point) chosen on the held-out part
+            selection = {}
+            for c_try in grid:
+                try:
+                    g, _, _ = _swa_phase(model, collector, xt, yt, min(c_try / tau, cap), config,
+                                         loc, quiet, desc)
+                    selection[c_try] = _val_predictive(model, g, xt, yt, x[val], y[val],
+                                                       config.num_samples)
+                except RuntimeError:  # diverged at every retry: this rate loses
+                    selection[c_try] = -math.inf
+            c = max(selection, key=selection.get)
+            score = selection[c]
+        if best is None or score > best["score"]:
+            best = {"score": score, "loc": loc, "map": map_values, "tau": tau, "cap": cap,
+                    "curvature": curvature, "c": c, "selection": selection,
+                    "pretrain_batch": size, "pretrain_lr_decay": decay, "pretrain_val_ll": ll}
+    tau = best["tau"]
+    guide, lr, retries = _swa_phase(model, collector, x, y, min(best["c"] / tau, best["cap"]),
+                                    config, best["loc"], quiet, desc)
+    return {
+        "collector": collector, "guide": guide, "map": best["map"], "tau_hat": tau,
+        "swa_lr": lr, "swa_lr_uncapped": best["c"] / tau, "curvature": best["curvature"],
+        "swa_retries": retries, "pretrain_s": pretrain_s,
+        "swa_s": time.perf_counter() - start, "snapshots": collector.num_snapshots,
+        "swa_c": best["c"], "swa_c_selection": best["selection"],
+        "pretrain_batch": best["pretrain_batch"], "pretrain_lr_decay": best["pretrain_lr_decay"],
+        "pretrain_val_ll": best["pretrain_val_ll"],
+        "pretrain_selection": pre_selection if len(pre_selection) > 1 else None,
+    }
+
+
+def _at(model, collector, loc, x, y, batch: int, config) -> tuple:
+    """``(MAP values, tau_hat, curvature, rate cap)`` at the pre-training point ``loc``
+    (``collector.loc`` is set to it)."""
+    with torch.no_grad():
+        collector.loc.copy_(loc)
+        values = {k: v.detach().clone() for k, v in collector(x, y, num_data=x.shape[0]).items()}
+    curvature, cap = None, math.inf
     if config.swa_stability is not None:  # keep SGD inside its stable range
         curvature = _curvature(model, collector, x, y, batch)
         if curvature:
             cap = config.swa_stability * 2 * (1 + 0.9) / curvature
-    start = time.perf_counter()
-    map_loc, selection = collector.loc.detach().clone(), None
-    if config.swa_c_grid and val is not None:  # per-run rate chosen on the held-out part
-        selection = {}
-        for c in config.swa_c_grid:
-            try:
-                g, _, _ = _swa_phase(model, collector, xt, yt, min(c / tau, cap), config,
-                                     map_loc, quiet, desc)
-                selection[c] = _val_predictive(model, g, xt, yt, x[val], y[val],
-                                               config.num_samples)
-            except RuntimeError:  # diverged at every retry: this rate loses
-                selection[c] = -math.inf
-        best_c = max(selection, key=selection.get)
-        lr_uncapped = best_c / tau
-    guide, lr, retries = _swa_phase(model, collector, x, y, min(lr_uncapped, cap), config,
-                                    map_loc, quiet, desc)
-    return {
-        "collector": collector, "guide": guide, "map": map_values, "tau_hat": tau,
-        "swa_lr": lr, "swa_lr_uncapped": lr_uncapped, "curvature": curvature,
-        "swa_retries": retries, "pretrain_s": pretrain_s,
-        "swa_s": time.perf_counter() - start, "snapshots": collector.num_snapshots,
-        "swa_c": lr_uncapped * tau, "swa_c_selection": selection,
-        "pretrain_batch": pre_batch, "pretrain_lr_decay": pre_decay, "pretrain_val_ll": pre_ll,
-        "pretrain_selection": pre_selection if len(pre_selection) > 1 else None,
-    }
+    return values, _precision(model, values), curvature, cap
 
 
 def _pretrain(model, collector, x, y, train, val, pre_batch, decay, config, quiet,

@@ -257,3 +257,25 @@ def test_patience_none_runs_every_step_and_keeps_the_best_point(monkeypatch, pat
         kept = collector(data.x_train, data.y_train, num_data=data.x_train.shape[0])
     for name, value in run["map"].items():
         torch.testing.assert_close(value, kept[name])
+
+
+@pytest.mark.parametrize("select", ["map", "swag"])
+def test_joint_selection_scores_every_pretraining_run_with_the_swag_predictive(monkeypatch,
+                                                                             select):
+    import pyro_swag.compare_swag as cs
+
+    scores_seen = iter([0.1, 0.2, 0.9, 0.3])  # (best MAP run: c=0.03, 0.3), (other run: ...)
+    monkeypatch.setattr(cs, "_val_predictive", lambda *a: next(scores_seen))
+    data = _small()
+    cfg = tiny(pretrain_batch_grid=(16, 90), swa_c_grid=(0.03, 0.3), pretrain_select=select)
+    run = cs.train_swag(make_model(data), data, cfg, seed=0, quiet=True)
+    pre = run["pretrain_selection"]
+    worse = min(pre, key=pre.get)
+    if select == "swag":  # the worse MAP gave the best SWAG predictive: it wins, with c=0.03
+        assert run["pretrain_val_ll"] == pre[worse] and f"batch={run['pretrain_batch']}," in worse
+        assert run["swa_c"] == 0.03 and run["swa_c_selection"] == {0.03: 0.9, 0.3: 0.3}
+    else:  # the best MAP's run only; its better rate
+        assert run["pretrain_val_ll"] == max(pre.values()) and run["swa_c"] == 0.3
+        assert run["swa_c_selection"] == {0.03: 0.1, 0.3: 0.2}
+    with pytest.raises(ValueError, match="pretrain_select='nope'"):
+        tiny(pretrain_select="nope")
