@@ -3,8 +3,9 @@
 Adam pre-training to the MAP (early-stopped on a held-out part of the training data, with the
 batch size and learning-rate decay optionally chosen there), then the SWA phase of
 :func:`pyro_swag.train.fit`: SGD with momentum at the per-datum learning rate
-``swa_c / tau_hat`` (``swa_c`` optionally chosen by the held-out SWAG predictive). SGD/MAP,
-SWA, SWAG and SWAG-Diag of the comparison share this one trajectory.
+``swa_c / tau_hat`` (``swa_c`` optionally chosen by the held-out SWAG predictive, alone or
+jointly with the pre-training run). SGD/MAP, SWA, SWAG and SWAG-Diag of the comparison share
+this one trajectory.
 """
 
 from __future__ import annotations
