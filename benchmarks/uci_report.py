@@ -269,7 +269,7 @@ def write_table(cache: dict, path: Path, args) -> str:
         "SWAG predictive) changed the choice on 2 of 20 yacht splits, among them split 11 "
         "(−4.19 → −1.87), and gives −0.659 ± 0.117: better than B, still short of −0.404. "
         "On the other 18 splits D and B differ only through the random stream (the extra "
-        "selection phases draw from it), by up to ±0.2 nats per split.",
+        "selection phases draw from it), by −0.25 to +0.09 nats per split.",
         "- **kin8nm**: recipe A's 3000 Adam steps under-fitted; 20000 steps and c = 0.03 "
         "(chosen on every split) give 1.243, above MC dropout's 1.14 and SVI's 1.156; "
         "C gives 1.263 (c = 0.01 chosen on 17 of 20 splits; better than B on 18).",
