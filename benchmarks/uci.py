@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / "results" / "uci_cache.json"
 TABLE = ROOT / "docs" / "results" / "uci.md"
 METHODS = ["swag", "swag_diag", "multiswag", "svi_normal", "svi_lowrank", "nuts"]
-# Recipe B's and C's rows are cached as swag_b, swag_c, ... (recipe A, the first run, under the
+# Recipes B, C and D cache their rows as swag_b, swag_c, swag_d (recipe A, the first run, under the
 # plain method names).
 RECIPE_SUFFIX = {"a": "", "b": "_b", "c": "_c", "d": "_d"}
 RECIPE_METHODS = {"swag", "swag_diag", "multiswag"}
