@@ -166,8 +166,7 @@ def run_split(name: str, split: int, methods: list[str], args, cache: dict) -> N
             row.update({k: v for k, v in sc.items() if not k.startswith("_")})
             row.update({k: v for k, v in res.extra.items() if isinstance(v, (int, float))})
             run = state.get("swag_run") or {}
-            for k in ("swa_c", "pretrain_batch", "pretrain_lr_decay", "pretrain_val_ll",
-                      "pretrain_s", "swa_s"):
+            for k in ("swa_c", "pretrain_batch", "pretrain_val_ll", "pretrain_s", "swa_s"):
                 if isinstance(run.get(k), (int, float)):
                     row[k] = run[k]
             if run.get("swa_c_selection"):

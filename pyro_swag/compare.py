@@ -63,14 +63,11 @@ class CompareConfig:
         When set (and ``pretrain_val_fraction > 0``), pre-training runs once per batch size
         of this grid (same seed and start) and keeps the run whose early-stopped point has
         the best held-out log-likelihood. ``None``: ``pretrain_batch_size``.
-    pretrain_lr_decay_grid : tuple of float or None
-        Likewise for ``pretrain_lr_decay`` (crossed with ``pretrain_batch_grid`` when both
-        are set). ``None``: ``pretrain_lr_decay``.
     pretrain_select : {"map", "swag"}
-        How the pre-training run is chosen among the grids' runs: by its early-stopped
-        MAP's held-out log-likelihood (``"map"``), or, with ``swa_c_grid`` set, jointly with
-        ``swa_c`` by the held-out log-likelihood of the SWAG predictive that each
-        (run, rate) pair gives (``"swag"``: one short SWA phase per pair).
+        How the pre-training run is chosen among ``pretrain_batch_grid``'s runs: by its
+        early-stopped MAP's held-out log-likelihood (``"map"``), or, with ``swa_c_grid``
+        set, jointly with ``swa_c`` by the held-out log-likelihood of the SWAG predictive
+        that each (run, rate) pair gives (``"swag"``: one short SWA phase per pair).
     jit : bool
         Use ``JitTrace_ELBO`` in the Adam phases (~3x faster on small nets).
     swa_c : float
@@ -120,7 +117,6 @@ class CompareConfig:
     pretrain_batch_size: int = 128
     pretrain_val_fraction: float = 0.1
     pretrain_batch_grid: tuple[int, ...] | None = None
-    pretrain_lr_decay_grid: tuple[float, ...] | None = None
     pretrain_select: str = "map"
     eval_every: int = 100
     patience: int | None = 10
@@ -171,8 +167,6 @@ class CompareConfig:
             raise ValueError(f"swa_snapshots must be >= 2, got swa_snapshots={self.swa_snapshots}")
         grids = (
             ("pretrain_batch_grid", lambda v: isinstance(v, int) and v >= 1, "positive ints"),
-            ("pretrain_lr_decay_grid", lambda v: isinstance(v, (int, float)) and 0 < v <= 1,
-             "numbers in (0, 1]"),
             ("swa_c_grid", lambda v: isinstance(v, (int, float)) and 0 < v < math.inf,
              "positive numbers"),
         )

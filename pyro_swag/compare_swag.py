@@ -1,7 +1,7 @@
 """The SWAG training recipe of :func:`pyro_swag.compare.compare`.
 
 Adam pre-training to the MAP (early-stopped on a held-out part of the training data, with the
-batch size and learning-rate decay optionally chosen there), then the SWA phase of
+batch size optionally chosen there), then the SWA phase of
 :func:`pyro_swag.train.fit`: SGD with momentum at the per-datum learning rate
 ``swa_c / tau_hat`` (``swa_c`` optionally chosen by the held-out SWAG predictive, alone or
 jointly with the pre-training run). SGD/MAP, SWA, SWAG and SWAG-Diag of the comparison share
@@ -10,7 +10,6 @@ this one trajectory.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 
@@ -106,17 +105,14 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
     held_out = val is not None
     sizes = (config.pretrain_batch_grid if held_out else None) or (
         config.pretrain_batch_size or batch,)
-    decays = (config.pretrain_lr_decay_grid if held_out else None) or (
-        config.pretrain_lr_decay,)
-    points, pre_selection = [], {}  # (held-out LL, point, batch, decay) per pre-training run
-    for size, decay in itertools.product(sizes, decays):
+    points, pre_selection = [], {}  # (held-out LL, point, batch size) per pre-training run
+    for size in sizes:
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
         collector = SWAGCollector(model, rank=config.rank, init_loc_fn=_init_fn(model))
-        ll = _pretrain(model, collector, x, y, train, val, min(size, n), decay, config, quiet,
-                       desc)
-        pre_selection[f"batch={size},lr_decay={decay:g}"] = ll
-        points.append((ll, collector.loc.detach().clone(), size, decay))
+        ll = _pretrain(model, collector, x, y, train, val, min(size, n), config, quiet, desc)
+        pre_selection[f"batch={size}"] = ll
+        points.append((ll, collector.loc.detach().clone(), size))
     pretrain_s = time.perf_counter() - start
     start = time.perf_counter()
     grid = config.swa_c_grid if held_out else None
@@ -124,7 +120,7 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
     if not (grid and config.pretrain_select == "swag"):
         points = points[:1]  # pre-training chosen by the MAP's held-out log-likelihood
     best = None
-    for ll, loc, size, decay in points:
+    for ll, loc, size in points:
         map_values, tau, curvature, cap = _at(model, collector, loc, x, y, batch, config)
         c, score, selection = config.swa_c, ll, None
         if grid:  # the SWA rate (and pre-training point) chosen on the held-out part
@@ -142,7 +138,7 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
         if best is None or score > best["score"]:
             best = {"score": score, "loc": loc, "map": map_values, "tau": tau, "cap": cap,
                     "curvature": curvature, "c": c, "selection": selection,
-                    "pretrain_batch": size, "pretrain_lr_decay": decay, "pretrain_val_ll": ll}
+                    "pretrain_batch": size, "pretrain_val_ll": ll}
     tau = best["tau"]
     guide, lr, retries = _swa_phase(model, collector, x, y, min(best["c"] / tau, best["cap"]),
                                     config, best["loc"], quiet, desc)
@@ -152,8 +148,7 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
         "swa_retries": retries, "pretrain_s": pretrain_s,
         "swa_s": time.perf_counter() - start, "snapshots": collector.num_snapshots,
         "swa_c": best["c"], "swa_c_selection": best["selection"],
-        "pretrain_batch": best["pretrain_batch"], "pretrain_lr_decay": best["pretrain_lr_decay"],
-        "pretrain_val_ll": best["pretrain_val_ll"],
+        "pretrain_batch": best["pretrain_batch"], "pretrain_val_ll": best["pretrain_val_ll"],
         "pretrain_selection": pre_selection if len(pre_selection) > 1 else None,
     }
 
@@ -172,15 +167,14 @@ def _at(model, collector, loc, x, y, batch: int, config) -> tuple:
     return values, _precision(model, values), curvature, cap
 
 
-def _pretrain(model, collector, x, y, train, val, pre_batch, decay, config, quiet,
-              desc) -> float:
+def _pretrain(model, collector, x, y, train, val, pre_batch, config, quiet, desc) -> float:
     """Adam on ``(x, y)[train]`` with early stopping on ``val`` (the best held-out point is
     restored); returns its held-out log-likelihood (``-inf`` without ``val``)."""
     xt, yt, nt = x[train], y[train], train.numel()
     steps = config.pretrain_steps
     optim = pyro.optim.ClippedAdam(
         {"lr": config.pretrain_lr, "clip_norm": 10.0,
-         "lrd": decay ** (1 / steps)}
+         "lrd": config.pretrain_lr_decay ** (1 / steps)}
     )
     scaled = pyro.poutine.scale(model, scale=1.0 / nt)
     svi = SVI(scaled, pyro.poutine.scale(collector, scale=1.0 / nt), optim, _elbo(config))
