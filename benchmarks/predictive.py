@@ -364,21 +364,20 @@ def main() -> None:
         chunk = None if args.memory_child == "none" else int(args.memory_child)
         return memory_child(args.num, args.n, chunk)
     load = os.getloadavg()
-    configs = CONFIGS
     if args.quick:
         runs = [(t, timing_rows(10, 100, 1, [((50,), "tanh")], t)) for t in (1, default_threads)]
         mem = memory_rows(50, 100, [None, 10])
         floors = [floor_row((50,), "tanh", 10, 100, 1)]
         print(table(runs, mem, 10, 100, 50, (), load, floors))
         return
-    runs = [(1, timing_rows(args.num, args.n, args.repeats, configs, 1))]
+    runs = [(1, timing_rows(args.num, args.n, args.repeats, CONFIGS, 1))]
     if default_threads > 1:
-        rows = timing_rows(args.num, args.n, args.repeats, configs, default_threads, check=False)
+        rows = timing_rows(args.num, args.n, args.repeats, CONFIGS, default_threads, check=False)
         runs.append((default_threads, rows))
     torch.set_num_threads(1)
-    floors = [floor_row(h, a, args.num, args.n, 3 * args.repeats) for h, a in configs]
+    floors = [floor_row(h, a, args.num, args.n, 3 * args.repeats) for h, a in CONFIGS]
     print(json.dumps(floors), flush=True)
-    small = timing_rows(args.num, 100, args.repeats, configs[:2], 1)  # Pyro-overhead regime
+    small = timing_rows(args.num, 100, args.repeats, CONFIGS[:2], 1)  # Pyro-overhead regime
     mem_num = 10 * args.num
     mem = memory_rows(mem_num, args.n, [None, 250, 50, 10])
     write(table(runs, mem, args.num, args.n, mem_num, small, load, floors), args.out)
