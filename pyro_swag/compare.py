@@ -68,6 +68,13 @@ class CompareConfig:
         early-stopped MAP's held-out log-likelihood (``"map"``), or, with ``swa_c_grid``
         set, jointly with ``swa_c`` by the held-out log-likelihood of the SWAG predictive
         that each (run, rate) pair gives (``"swag"``: one short SWA phase per pair).
+    pretrain_checkpoints : tuple of {"ll", "rmse"}
+        The points of each pre-training run kept as candidates: the best by held-out
+        log-likelihood (``"ll"``) and/or by held-out squared error (``"rmse"``, which a noise
+        precision following the training residuals cannot mislead). With
+        ``pretrain_select="swag"`` every candidate enters the joint choice; otherwise the one
+        with the best held-out log-likelihood is kept. Patience counts checks where none of
+        them improved.
     jit : bool
         Use ``JitTrace_ELBO`` in the Adam phases (~3x faster on small nets).
     swa_c : float
@@ -78,6 +85,12 @@ class CompareConfig:
         grid: each rate runs the SWA phase on the pre-training part from the MAP and the one
         whose SWAG predictive has the best log-likelihood on the held-out part wins; the SWA
         phase is then rerun on all training data at that rate. ``None``: ``swa_c``.
+    swa_scale_grid : tuple of float or None
+        With ``swa_c_grid``: SWAG's covariance ``scale`` is chosen with ``swa_c`` (and the
+        pre-training run), by the held-out log-likelihood of each short SWA phase's predictive
+        at every scale of this grid (:func:`~pyro_swag.calibrate.calibrate_validation`, shared
+        draws); the final SWAG guide gets the chosen scale, recorded in its ``calibration``.
+        ``None``: scale 1.
     swa_stability : float or None
         Cap the SWA rate at ``swa_stability * 2 (1 + 0.9) / lambda_max`` (``lambda_max``: the
         largest eigenvalue of the per-datum loss Hessian at the MAP, by power iteration), a
@@ -118,11 +131,13 @@ class CompareConfig:
     pretrain_val_fraction: float = 0.1
     pretrain_batch_grid: tuple[int, ...] | None = None
     pretrain_select: str = "map"
+    pretrain_checkpoints: tuple[str, ...] = ("ll",)
     eval_every: int = 100
     patience: int | None = 10
     jit: bool = True
     swa_c: float = 0.1
     swa_c_grid: tuple[float, ...] | None = None
+    swa_scale_grid: tuple[float, ...] | None = None
     swa_snapshots: int = 50
     swa_retries: int = 2
     swa_stability: float | None = 0.5
@@ -158,6 +173,11 @@ class CompareConfig:
         if self.pretrain_select not in ("map", "swag"):
             raise ValueError(f"pretrain_select must be 'map' or 'swag', got "
                              f"pretrain_select={self.pretrain_select!r}")
+        if (not isinstance(self.pretrain_checkpoints, tuple) or not self.pretrain_checkpoints
+                or not set(self.pretrain_checkpoints) <= {"ll", "rmse"}
+                or len(set(self.pretrain_checkpoints)) < len(self.pretrain_checkpoints)):
+            raise ValueError(f"pretrain_checkpoints must be a tuple of distinct 'll' and "
+                             f"'rmse', got pretrain_checkpoints={self.pretrain_checkpoints!r}")
         if not 0 < self.pretrain_lr_decay <= 1:
             raise ValueError(
                 f"pretrain_lr_decay must be in (0, 1], got "
@@ -169,6 +189,8 @@ class CompareConfig:
             ("pretrain_batch_grid", lambda v: isinstance(v, int) and v >= 1, "positive ints"),
             ("swa_c_grid", lambda v: isinstance(v, (int, float)) and 0 < v < math.inf,
              "positive numbers"),
+            ("swa_scale_grid", lambda v: isinstance(v, (int, float)) and 0 < v < math.inf,
+             "positive numbers"),
         )
         for name, ok, what in grids:
             grid = getattr(self, name)
@@ -176,6 +198,11 @@ class CompareConfig:
                 raise ValueError(
                     f"{name} must be None or a non-empty tuple of {what}, got {name}={grid!r}"
                 )
+        if self.swa_scale_grid is not None and self.swa_c_grid is None:
+            raise ValueError(
+                f"swa_scale_grid={self.swa_scale_grid!r} is chosen with swa_c on held-out data; "
+                f"set swa_c_grid too (e.g. swa_c_grid=({self.swa_c},))"
+            )
 
 
 def quick_config(**overrides) -> CompareConfig:

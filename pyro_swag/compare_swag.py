@@ -73,11 +73,14 @@ def _holdout(n: int, fraction: float, seed: int):
 
 
 @torch.no_grad()
-def _val_loglik(model, collector, x, y, val) -> float:
+def _val_scores(model, collector, x, y, val, mse: bool) -> tuple[float, float]:
+    """Held-out log-likelihood per point and (with ``mse``) minus the mean squared error of
+    the likelihood's mean, at the collector's current point."""
     values = collector(x[:2], y[:2], num_data=x.shape[0])
     cond = pyro.poutine.condition(model, data=values)
-    trace = pyro.poutine.trace(cond).get_trace(x[val], y[val])
-    return float(trace.nodes["obs"]["fn"].log_prob(y[val]).mean())
+    fn = pyro.poutine.trace(cond).get_trace(x[val], y[val]).nodes["obs"]["fn"]
+    neg_mse = -float(((fn.mean - y[val]) ** 2).mean()) if mse else -math.inf
+    return float(fn.log_prob(y[val]).mean()), neg_mse
 
 
 def _precision(model, values: dict[str, torch.Tensor]) -> float:
@@ -105,14 +108,15 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
     held_out = val is not None
     sizes = (config.pretrain_batch_grid if held_out else None) or (
         config.pretrain_batch_size or batch,)
-    points, pre_selection = [], {}  # (held-out LL, point, batch size) per pre-training run
+    points, pre_selection = [], {}  # (held-out LL, point, batch size, checkpoint) candidates
     for size in sizes:
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
         collector = SWAGCollector(model, rank=config.rank, init_loc_fn=_init_fn(model))
-        ll = _pretrain(model, collector, x, y, train, val, min(size, n), config, quiet, desc)
-        pre_selection[f"batch={size}"] = ll
-        points.append((ll, collector.loc.detach().clone(), size))
+        kept = _pretrain(model, collector, x, y, train, val, min(size, n), config, quiet, desc)
+        for crit, (ll, loc) in kept.items():
+            pre_selection[f"batch={size}" + ("" if crit == "ll" else f",{crit}")] = ll
+            points.append((ll, loc, size, crit))
     pretrain_s = time.perf_counter() - start
     start = time.perf_counter()
     grid = config.swa_c_grid if held_out else None
@@ -120,17 +124,21 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
     if not (grid and config.pretrain_select == "swag"):
         points = points[:1]  # pre-training chosen by the MAP's held-out log-likelihood
     best = None
-    for ll, loc, size in points:
+    for ll, loc, size, crit in points:
         map_values, tau, curvature, cap = _at(model, collector, loc, x, y, batch, config)
-        c, score, selection = config.swa_c, ll, None
+        c, score, selection, scales = config.swa_c, ll, None, None
         if grid:  # the SWA rate (and pre-training point) chosen on the held-out part
-            selection = {}
+            selection, scales = {}, {}
             for c_try in grid:
                 try:
                     g, _, _ = _swa_phase(model, collector, xt, yt, min(c_try / tau, cap), config,
                                          loc, quiet, desc)
-                    selection[c_try] = _val_predictive(model, g, xt, yt, x[val], y[val],
-                                                       config.num_samples)
+                    if config.swa_scale_grid is None:
+                        selection[c_try] = _val_predictive(model, g, xt, yt, x[val], y[val],
+                                                           config.num_samples)
+                    else:  # the scale too, on the same held-out part
+                        scales[c_try] = _val_scales(model, g, x[val], y[val], config)
+                        selection[c_try] = scales[c_try].best()
                 except RuntimeError:  # diverged at every retry: this rate loses
                     selection[c_try] = -math.inf
             c = max(selection, key=selection.get)
@@ -138,17 +146,23 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
         if best is None or score > best["score"]:
             best = {"score": score, "loc": loc, "map": map_values, "tau": tau, "cap": cap,
                     "curvature": curvature, "c": c, "selection": selection,
-                    "pretrain_batch": size, "pretrain_val_ll": ll}
+                    "calibration": (scales or {}).get(c),
+                    "pretrain_batch": size, "pretrain_val_ll": ll, "checkpoint": crit}
     tau = best["tau"]
     guide, lr, retries = _swa_phase(model, collector, x, y, min(best["c"] / tau, best["cap"]),
                                     config, best["loc"], quiet, desc)
+    if best["calibration"] is not None:  # the held-out scale, recorded on the guide
+        guide.scale = best["calibration"].scale
+        guide.calibration = best["calibration"].to_dict()
     return {
         "collector": collector, "guide": guide, "map": best["map"], "tau_hat": tau,
         "swa_lr": lr, "swa_lr_uncapped": best["c"] / tau, "curvature": best["curvature"],
         "swa_retries": retries, "pretrain_s": pretrain_s,
         "swa_s": time.perf_counter() - start, "snapshots": collector.num_snapshots,
-        "swa_c": best["c"], "swa_c_selection": best["selection"],
+        "swa_c": best["c"], "swa_c_selection": best["selection"], "swa_scale": guide.scale,
+        "swa_scale_selection": guide.calibration if best["calibration"] else None,
         "pretrain_batch": best["pretrain_batch"], "pretrain_val_ll": best["pretrain_val_ll"],
+        "pretrain_checkpoint": best["checkpoint"],
         "pretrain_selection": pre_selection if len(pre_selection) > 1 else None,
     }
 
@@ -167,9 +181,14 @@ def _at(model, collector, loc, x, y, batch: int, config) -> tuple:
     return values, _precision(model, values), curvature, cap
 
 
-def _pretrain(model, collector, x, y, train, val, pre_batch, config, quiet, desc) -> float:
-    """Adam on ``(x, y)[train]`` with early stopping on ``val`` (the best held-out point is
-    restored); returns its held-out log-likelihood (``-inf`` without ``val``)."""
+def _pretrain(model, collector, x, y, train, val, pre_batch, config, quiet, desc) -> dict:
+    """Adam on ``(x, y)[train]`` with early stopping on ``val``.
+
+    Returns ``{criterion: (held-out LL, point)}`` for each of ``config.pretrain_checkpoints``:
+    the point best by held-out log-likelihood (``"ll"``) or by held-out squared error
+    (``"rmse"``). The collector is left at the first criterion's point. Without ``val``:
+    ``-inf`` and the last point.
+    """
     xt, yt, nt = x[train], y[train], train.numel()
     steps = config.pretrain_steps
     optim = pyro.optim.ClippedAdam(
@@ -179,24 +198,30 @@ def _pretrain(model, collector, x, y, train, val, pre_batch, config, quiet, desc
     scaled = pyro.poutine.scale(model, scale=1.0 / nt)
     svi = SVI(scaled, pyro.poutine.scale(collector, scale=1.0 / nt), optim, _elbo(config))
     it = _batches(nt, min(pre_batch, nt))
-    best, best_ll, stale = None, -math.inf, 0
+    crits = config.pretrain_checkpoints if val is not None else ("ll",)
+    best = {c: (-math.inf, None, -math.inf) for c in crits}  # (score, point, held-out LL)
+    stale = 0
     for step in tqdm(range(steps), desc=f"{desc} pre-train", disable=quiet, leave=False):
         idx = next(it)
         loss = svi.step(xt[idx], yt[idx], num_data=nt)
         if not math.isfinite(loss):
             raise RuntimeError(f"{desc}: pre-training loss became {loss}; lower pretrain_lr")
         if val is not None and ((step + 1) % config.eval_every == 0 or step + 1 == steps):
-            ll = _val_loglik(model, collector, x, y, val)
-            if ll > best_ll:
-                best, best_ll, stale = collector.loc.detach().clone(), ll, 0
-            else:
-                stale += 1
-                if config.patience is not None and stale >= config.patience:
-                    break
-    if best is not None:  # early stopping: the pre-training point best on held-out data
-        with torch.no_grad():
-            collector.loc.copy_(best)
-    return best_ll
+            ll, neg_mse = _val_scores(model, collector, x, y, val, "rmse" in crits)
+            improved = False
+            for c in crits:
+                score = ll if c == "ll" else neg_mse
+                if score > best[c][0]:
+                    best[c], improved = (score, collector.loc.detach().clone(), ll), True
+            stale = 0 if improved else stale + 1
+            if config.patience is not None and stale >= config.patience:
+                break
+    last = collector.loc.detach().clone()
+    if val is None or best[crits[0]][1] is None:  # no held-out part (or never finite)
+        return {c: (-math.inf, last) for c in crits}
+    with torch.no_grad():  # early stopping: the pre-training point best on held-out data
+        collector.loc.copy_(best[crits[0]][1])
+    return {c: (best[c][2], last if best[c][1] is None else best[c][1]) for c in crits}
 
 
 @torch.no_grad()
@@ -207,6 +232,16 @@ def _val_predictive(model, guide, xt, yt, xv, yv, num_samples: int) -> float:
     samples = {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
     loglik = log_likelihood(model, samples, xv, yv)["obs"]
     return float((loglik.logsumexp(0) - math.log(num_samples)).mean())
+
+
+def _val_scales(model, guide, xv, yv, config):
+    """The held-out log-likelihood of ``guide``'s predictive at each scale of
+    ``config.swa_scale_grid`` (shared draws): a :class:`~pyro_swag.calibrate.Calibration`
+    holding the best; the guide is left unchanged."""
+    from .calibrate import calibrate_validation
+
+    return calibrate_validation(model, guide, xv, yv, scales=list(config.swa_scale_grid),
+                                num_samples=config.num_samples, refine=False, apply=False)
 
 
 def _swa_phase(model, collector, x, y, lr, config, map_loc, quiet, desc):

@@ -145,7 +145,9 @@ def test_sequential_path_and_chunks_agree():
         pyro.set_rng_seed(11)
         out[key] = predictive(model, None, *args, posterior_samples=samples, **kw)["obs"]
     torch.testing.assert_close(out["one"], out["seq"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out["c3"], out["one"], atol=0, rtol=0)
+    # chunks of 3 draws give the same values as one pass, up to float32 rounding (BLAS may
+    # block a smaller matmul differently); a mixed-up draw order would differ by O(1)
+    torch.testing.assert_close(out["c3"], out["one"], atol=1e-6, rtol=1e-5)
 
 
 def test_swag_guide_draws_and_latent_sites():
