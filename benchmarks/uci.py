@@ -170,14 +170,15 @@ def run_split(name: str, split: int, methods: list[str], args, cache: dict) -> N
             row.update({k: v for k, v in sc.items() if not k.startswith("_")})
             row.update({k: v for k, v in res.extra.items() if isinstance(v, (int, float))})
             run = state.get("swag_run") or {}
-            for k in ("swa_c", "swa_scale", "pretrain_batch", "pretrain_val_ll", "pretrain_s",
-                      "swa_s", "pretrain_checkpoint"):
+            for k in ("swa_c", "pretrain_batch", "pretrain_val_ll", "pretrain_s", "swa_s",
+                      "pretrain_checkpoint"):
                 if isinstance(run.get(k), (int, float, str)):
                     row[k] = run[k]
             if run.get("swa_c_selection"):
                 row["swa_c_val_ll"] = {str(c): v for c, v in run["swa_c_selection"].items()}
-            if run.get("swa_scale_selection"):
-                cal = run["swa_scale_selection"]
+            cal = run["guide"].calibration if "guide" in run else None
+            if cal:  # the scale chosen on held-out data (recipe E)
+                row["swa_scale"] = run["guide"].scale
                 row["swa_scale_val_ll"] = dict(zip(map(str, cal["scales"]),
                                                    cal["curve"]["log_likelihood"]))
             if run.get("pretrain_selection"):

@@ -91,9 +91,8 @@ def _swa(ctx) -> MethodResult:
 def _swag_like(ctx, name: str, diagonal: bool) -> MethodResult:
     run = _swag_run(ctx)
     start = time.perf_counter()
-    guide = run["collector"].swag_guide(diagonal=diagonal)
-    if not diagonal:  # the scale chosen on held-out data with the SWA rate (1 if none was)
-        guide.scale, guide.calibration = run["guide"].scale, run["guide"].calibration
+    # SWAG is the run's own guide (at the scale chosen on held-out data, if one was)
+    guide = run["collector"].swag_guide(diagonal=True) if diagonal else run["guide"]
     draws = guide_draws(guide, ctx.data, ctx.config.num_samples)
     wall = run["pretrain_s"] + run["swa_s"] + time.perf_counter() - start
     return MethodResult(name, draws=draws, guide=guide, wall_s=wall, extra=_info(run))

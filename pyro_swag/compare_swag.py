@@ -96,8 +96,9 @@ def _precision(model, values: dict[str, torch.Tensor]) -> float:
 def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") -> dict:
     """Adam pre-training to the MAP, then :func:`pyro_swag.train.fit`'s SWA phase.
 
-    Returns a dict with the collector, the SWAG guide, the MAP values, ``tau_hat``,
-    the SWA learning rate, the held-out selections made and the wall times of both phases.
+    Returns a dict with the collector, the SWAG guide (at the held-out scale, if one was
+    chosen: ``guide.calibration``), the MAP values, ``tau_hat``, the SWA learning rate, the
+    held-out selections made and the wall times of both phases.
     """
     x, y = data.x_train, data.y_train
     n = x.shape[0]
@@ -159,8 +160,7 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
         "swa_lr": lr, "swa_lr_uncapped": best["c"] / tau, "curvature": best["curvature"],
         "swa_retries": retries, "pretrain_s": pretrain_s,
         "swa_s": time.perf_counter() - start, "snapshots": collector.num_snapshots,
-        "swa_c": best["c"], "swa_c_selection": best["selection"], "swa_scale": guide.scale,
-        "swa_scale_selection": guide.calibration if best["calibration"] else None,
+        "swa_c": best["c"], "swa_c_selection": best["selection"],
         "pretrain_batch": best["pretrain_batch"], "pretrain_val_ll": best["pretrain_val_ll"],
         "pretrain_checkpoint": best["checkpoint"],
         "pretrain_selection": pre_selection if len(pre_selection) > 1 else None,
