@@ -9,13 +9,13 @@ diabetes, split 0, :func:`pyro_swag.data.load_dataset`) and UCI yacht split 0 (t
 case). The model is :func:`pyro_swag.compare.make_model` (1x50 tanh, N(0, 1) weights,
 learned noise precision).
 
-NUTS reference: two chains, each from its own MAP (full-batch Adam from the network init
-of seed ``chain``), metrics cached in ``benchmarks/results/calibration_bnn_nuts.json`` (the
-pooled metrics need both chains' pointwise terms, kept in uncommitted ``.pt`` files next to
-it). SWAG: several seeds of each recipe, each scored raw and calibrated (ELBO and PSIS on
-the training data; validation: the same recipe trained on 90 % of the training data, scale
-chosen on the other 10 %), plus the MultiSWAG mixture of the seeds. Metrics are
-:mod:`pyro_swag.compare_metrics`'s (exact mixture quantiles for coverage).
+NUTS reference (``benchmarks/calibration_bnn_nuts.py``): two chains, each from its own MAP
+(full-batch Adam from the network init of seed ``chain``), metrics cached in
+``benchmarks/results/calibration_bnn_nuts.json``. SWAG: several seeds of each recipe, each
+scored raw and calibrated (ELBO and PSIS on the training data; validation: the same recipe
+trained on 90 % of the training data, scale chosen on the other 10 %), plus the MultiSWAG
+mixture of the seeds. Metrics are :mod:`pyro_swag.compare_metrics`'s (exact mixture
+quantiles for coverage).
 
     python benchmarks/calibration_bnn.py --nuts-only --datasets yacht --chains 0  # one chain
     python benchmarks/calibration_bnn.py                    # SWAG runs + table (NUTS cached)
@@ -24,7 +24,6 @@ chosen on the other 10 %), plus the MultiSWAG mixture of the seeds. Metrics are
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import sys
@@ -34,15 +33,11 @@ from pathlib import Path
 
 import pyro
 import torch
-from pyro.infer import MCMC, NUTS, SVI, JitTrace_ELBO
-from pyro.infer.autoguide import AutoDelta
-from pyro.infer.autoguide.initialization import init_to_value
 from torch.distributions import biject_to
 
 from pyro_swag.calibrate import calibrate
 from pyro_swag.compare import CompareConfig, make_model
 from pyro_swag.compare_methods import guide_draws
-from pyro_swag.compare_metrics import pointwise, scores
 from pyro_swag.compare_swag import train_swag
 from pyro_swag.data import load_dataset
 from pyro_swag.precondition import (
@@ -54,10 +49,18 @@ from pyro_swag.train import fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibration import write_section  # noqa: E402  (benchmarks/ is not a package)
+from calibration_bnn_nuts import (  # noqa: E402
+    CACHE,
+    _pool,
+    _spec,
+    load_cache,
+    nuts_chain,
+    save_chain,
+    score,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "calibration.md"
-CACHE = ROOT / "benchmarks" / "results" / "calibration_bnn_nuts.json"
 DATASETS = ("diabetes", "yacht")
 CALIBRATIONS = ("elbo", "psis", "validation")
 RECIPES = ("main", "long", "precond", "rate")
@@ -65,82 +68,6 @@ PRECONDITION = "full"
 #: Relative damping of the preconditioner: 1e-3 diverged on BNNs (rank-deficient Fisher, see
 #: docs/calibration.md "Damping, and networks"); 0.3 is that section's guidance for networks.
 DAMPING = 0.3
-
-
-# ----------------------------------------------------------------------------- scoring
-def score(model, data, draws: dict) -> dict:
-    """Test LL / point (original units), 90 % coverage, RMSE, and the pointwise terms."""
-    terms = pointwise(model, draws, data.x_test, data.y_test, data.likelihood)
-    s = scores(terms, data, data.y_test)
-    return {"ll": s["test_ll"], "cov90": s["coverage_90"], "rmse": s["rmse"], "terms": terms}
-
-
-def _pool(terms: list[dict]) -> dict:
-    return {k: torch.cat([t[k] for t in terms]) for k in terms[0]}
-
-
-# ----------------------------------------------------------------------------- NUTS
-def map_point(model, data, seed: int, steps: int) -> dict:
-    """Full-batch Adam MAP from the network's init (the NUTS chain's start)."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    x, y, n = data.x_train, data.y_train, data.x_train.shape[0]
-    guide = AutoDelta(model, init_loc_fn=model.init_loc_fn())
-    optim = pyro.optim.ClippedAdam({"lr": 1e-2, "clip_norm": 10.0, "lrd": 0.1 ** (1 / steps)})
-    scaled = pyro.poutine.scale(model, scale=1.0 / n)
-    svi = SVI(scaled, pyro.poutine.scale(guide, scale=1.0 / n), optim,
-              JitTrace_ELBO(ignore_jit_warnings=True))
-    for _ in range(steps):
-        svi.step(x, y, num_data=n)
-    return {k: v.detach() for k, v in guide.median().items()}
-
-
-def _spec(spec: str, default_split: int) -> tuple[str, int]:
-    """``"name"`` or ``"name:split"`` -> ``(name, split)``."""
-    name, _, split = spec.partition(":")
-    return name, int(split) if split else default_split
-
-
-def nuts_chain(spec: str, chain: int, args) -> dict:
-    """One NUTS chain; its pointwise test terms go to a .pt file, its metrics to the JSON."""
-    name, split = _spec(spec, args.split)
-    data = load_dataset(name, split)
-    model = make_model(data, seed=chain)
-    start = time.perf_counter()
-    init = map_point(model, data, chain, args.map_steps)
-    map_s = time.perf_counter() - start
-    pyro.set_rng_seed(chain)
-    kernel = NUTS(model, max_tree_depth=args.nuts_depth, jit_compile=True,
-                  ignore_jit_warnings=True, init_strategy=init_to_value(values=init))
-    mcmc = MCMC(kernel, num_samples=args.nuts_samples, warmup_steps=args.nuts_warmup,
-                disable_progbar=True)
-    start = time.perf_counter()
-    mcmc.run(data.x_train, data.y_train)
-    wall = time.perf_counter() - start
-    ev = score(model, data, {k: v.detach() for k, v in mcmc.get_samples().items()})
-    path = CACHE.with_name(f"calibration_bnn_nuts_{name}{split}_c{chain}.pt")
-    torch.save(ev.pop("terms"), path)
-    ev.update(map_s=map_s, wall_s=wall, warmup=args.nuts_warmup, samples=args.nuts_samples,
-              depth=args.nuts_depth, map_steps=args.map_steps)
-    return ev
-
-
-def load_cache() -> dict:
-    return json.loads(CACHE.read_text()) if CACHE.exists() else {}
-
-
-def save_chain(key: str, chain: int, ev: dict) -> None:
-    cache = load_cache()  # re-read: chains of other data sets may run in parallel
-    cache.setdefault(key, {})[f"chain{chain}"] = ev
-    files = [CACHE.with_name(f"calibration_bnn_nuts_{key}_c{c}.pt") for c in (0, 1)]
-    if all(f.exists() for f in files):
-        data = load_dataset(key.rstrip("0123456789"), int(key[len(key.rstrip("0123456789")):]))
-        pooled = scores(_pool([torch.load(f, weights_only=True) for f in files]), data,
-                        data.y_test)
-        cache[key]["pooled"] = {"ll": pooled["test_ll"], "cov90": pooled["coverage_90"],
-                                "rmse": pooled["rmse"]}
-    CACHE.parent.mkdir(parents=True, exist_ok=True)
-    CACHE.write_text(json.dumps(cache, indent=1))
 
 
 # ----------------------------------------------------------------------------- SWAG

@@ -28,7 +28,8 @@ from pyro_swag.data import load_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibration import write_section  # noqa: E402  (benchmarks/ is not a package)
-from calibration_bnn import OUT, RECIPES, _pool, _summary, _task, load_cache, score  # noqa: E402
+from calibration_bnn import OUT, RECIPES, _summary, _task  # noqa: E402
+from calibration_bnn_nuts import _pool, load_cache, score  # noqa: E402
 
 VARIANTS = ("raw", "elbo")
 LL_TOL, COV_BAND = 0.05, (0.87, 0.93)

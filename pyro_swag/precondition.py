@@ -58,7 +58,7 @@ from ._curvature import (
     _factor,
     _validate,
 )
-from .lr import _batch_hvp, _loss_fn
+from .lr import _batch_hvp, _loss_fn, suggest_swa_lr
 
 __all__ = [
     "Preconditioner",
@@ -310,3 +310,34 @@ def loc_name(collector) -> str | None:
         return normalize_param_name(store.param_name(collector.loc))
     except Exception:  # not in the param store (e.g. a plain tensor): match by size only
         return None
+
+
+def auto_swa_lr(
+    model: Callable,
+    collector,
+    batches: list[tuple],
+    num_data: int,
+    momentum: float,
+    pre: Preconditioner | None = None,
+) -> float:
+    """``fit(swa_lr="auto")``'s rate: :func:`preconditioned_lr` with ``pre``, else
+    :func:`pyro_swag.lr.suggest_swa_lr` (per datum)."""
+    if pre is not None:
+        lam = pre.max_curvature
+        if not math.isfinite(lam):
+            lam = preconditioned_curvature(model, collector, batches, pre, num_data=num_data)
+        lr = preconditioned_lr(
+            pre,
+            num_data=num_data,
+            batch_size=int(batches[0][0].shape[0]),
+            momentum=momentum,
+            max_curvature=lam,
+        )
+    else:
+        lr = suggest_swa_lr(
+            model, collector, batches, num_data=num_data, momentum=momentum, per_datum=True
+        )
+    lr = float(lr)
+    if not 0 < lr < math.inf:
+        raise RuntimeError(f"the automatic SWA learning rate is {lr}; pass swa_lr explicitly")
+    return lr

@@ -38,13 +38,11 @@ from . import _checkpoint
 from ._curvature import _check_kind
 from ._minibatch import _accepts, _as_args, _batches, _check_scaling, _TensorBatches
 from .autoguide import SWAGCollector, SWAGGuide
-from .lr import suggest_swa_lr
 from .precondition import (
     Preconditioner,
+    auto_swa_lr,
     choose_preconditioner,
     loc_name,
-    preconditioned_curvature,
-    preconditioned_lr,
     swa_optimizer,
 )
 
@@ -321,7 +319,9 @@ def fit(
                         lr=history["swa_lr"],
                     )
                 if history["swa_lr"] is None:
-                    history["swa_lr"] = _auto_lr(model, collector, batches, n, swa_momentum, pre)
+                    history["swa_lr"] = auto_swa_lr(
+                        model, collector, [_as_args(b) for b in batches], n, swa_momentum, pre
+                    )
                 swa_optim = swa_optimizer(
                     history["swa_lr"],
                     momentum=swa_momentum,
@@ -394,22 +394,3 @@ def _step_scheduler(optim, loss: float) -> None:
     else:
         optim.step()
 
-
-def _auto_lr(model, collector, batches, n, momentum: float, pre=None) -> float:
-    batches = [_as_args(b) for b in batches]
-    if pre is not None:
-        size = int(batches[0][0].shape[0])
-        lam = pre.max_curvature
-        if not math.isfinite(lam):
-            lam = preconditioned_curvature(model, collector, batches, pre, num_data=n)
-        lr = preconditioned_lr(
-            pre, num_data=n, batch_size=size, momentum=momentum, max_curvature=lam
-        )
-    else:
-        lr = suggest_swa_lr(
-            model, collector, batches, num_data=n, momentum=momentum, per_datum=True
-        )
-    lr = float(lr)
-    if not 0 < lr < math.inf:
-        raise RuntimeError(f"suggest_swa_lr returned {lr}; pass swa_lr explicitly")
-    return lr
