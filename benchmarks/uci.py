@@ -213,7 +213,7 @@ def main(argv=None) -> int:
                              "40000 Adam steps, no early stop on the large sets (swag_c); d: c "
                              "with the small sets' pre-training run chosen by the SWAG "
                              "predictive (swag_d); e: d with SWAG's scale chosen on the "
-                             "held-out part too (swag_e)")
+                             "held-out part too (swag_e, multiswag_e)")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)

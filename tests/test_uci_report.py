@@ -1,0 +1,64 @@
+"""Tests of the UCI benchmark's tables (benchmarks/uci_report.py) on a synthetic cache."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import uci_report as report  # noqa: E402
+
+
+def _cache(rows: dict[tuple[str, str], list[float]]) -> dict:
+    """``{(set, method): [test LL per split]}`` -> the benchmark's cache layout."""
+    return {f"{name}/{i}/{method}": {"status": "ok", "test_ll": ll}
+            for (name, method), lls in rows.items() for i, ll in enumerate(lls)}
+
+
+def test_verdict_uses_the_newest_recipe_run_on_every_split():
+    cache = _cache({
+        ("yacht", "swag_d"): [-0.5] * 20,
+        ("yacht", "swag_e"): [-0.3] * 19,  # one split short: recipe D counts
+        ("concrete", "swag_e"): [-3.0] * 20,
+        ("power", "swag_c"): [-2.81] * 20,
+    })
+    lines = report.verdict(cache)
+    yacht = next(line for line in lines if line.startswith("- yacht"))
+    assert "recipe D" in yacht and "-0.500" in yacht and "(**short**)" in yacht
+    concrete = next(line for line in lines if line.startswith("- concrete"))
+    assert "recipe E" in concrete and "≥ published SWAG -3.013" in concrete
+    assert "< MC dropout -2.93" in concrete
+    assert "- boston: no SWAG result yet." in lines
+    # yacht (-0.5 >= -1.25) is the only set at or above MC dropout
+    assert lines[-1] == "- SWAG ≥ MC dropout on 1 of 9 sets (target: ≥ 5)."
+
+
+def test_paired_differences_match_by_split():
+    cache = _cache({
+        ("yacht", "swag_e"): [-0.5, -0.4, -0.6],
+        ("yacht", "multiswag_e"): [-0.3, -0.45, -0.2],
+    })
+    (line,) = report.paired(cache, "MultiSWAG E", "E")
+    diffs = [0.2, -0.05, 0.4]
+    mean, se = report._mean_se(diffs)
+    assert line.startswith("- yacht:") and f"{mean:+.3f} ± {se:.3f}" in line
+    assert "better on 2 of 3 splits" in line
+
+
+def test_against_published_needs_every_split():
+    cache = _cache({
+        ("yacht", "multiswag_e"): [-0.3] * 20,
+        ("wine", "multiswag_e"): [-0.9] * 3,
+    })
+    lines = report.against_published(cache, "multiswag_e", "MultiSWAG (E)")
+    assert lines == ["- yacht: MultiSWAG (E) -0.300 over 20 split(s), ≥ published SWAG "
+                     "-0.404, ≥ MC dropout -1.25."]
+    assert report.against_published({}, "multiswag_e", "M") == [
+        "- M: no set with every split run yet."]
+
+
+def test_mean_se_is_the_standard_error_of_the_mean():
+    assert report._mean_se([1.0, 3.0]) == (2.0, 1.0)  # sd sqrt(2), over sqrt(2) splits
+    mean, se = report._mean_se([1.0])
+    assert mean == 1.0 and math.isnan(se)
