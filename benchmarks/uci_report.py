@@ -1,6 +1,6 @@
 """Tables of the UCI benchmark (:mod:`uci`): mean ± standard error per set and method, the
 targets (published SWAG and MC dropout), recipe B against recipe A paired by split, and the
-markdown page ``docs/results/uci.md``."""
+markdown page ``docs/results/uci.md`` (its hand-written paragraphs are in :mod:`uci_notes`)."""
 
 from __future__ import annotations
 
