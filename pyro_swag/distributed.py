@@ -142,12 +142,9 @@ class DistributedSWAG:
     def bounds(self) -> tuple[int, int]:
         """The slice ``[start, stop)`` of the latent vector whose moments this rank keeps."""
         self.collector._require_setup("bounds")
-        p = self.collector.loc.numel()
-        if not self.shard:
-            return (0, p) if self.rank == 0 else (p, p)
-        base, extra = divmod(p, self.world_size)
-        start = self.rank * base + min(self.rank, extra)
-        return start, start + base + (self.rank < extra)
+        widths = self._widths()
+        start = sum(widths[: self.rank])
+        return start, start + widths[self.rank]
 
     def _widths(self) -> list[int]:
         p, w = self.collector.loc.numel(), self.world_size
@@ -238,8 +235,7 @@ class DistributedSWAG:
         full = assemble(parts, self._widths(), self.rank, dst, self.group)
         if full is None:
             return None
-        (vec, devs), c = full, self.collector
-        return _guide_from(c, vec[0], vec[1], devs, scale, diagonal)
+        return _guide_from(self.collector, full[0][0], full[0][1], full[1], scale, diagonal)
 
     # ------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
