@@ -42,7 +42,7 @@ TABLE = ROOT / "docs" / "results" / "uci.md"
 METHODS = ["swag", "swag_diag", "multiswag", "svi_normal", "svi_lowrank", "nuts"]
 # Recipes B to E cache their rows as swag_b ... swag_e (recipe A, the first run, under the
 # plain method names).
-RECIPE_SUFFIX = {"a": "", "b": "_b", "c": "_c", "d": "_d", "e": "_e"}
+RECIPE_SUFFIX = {"a": "", "b": "_b", "c": "_c", "d": "_d", "e": "_e", "f": "_f", "g": "_g"}
 RECIPE_METHODS = {"swag", "swag_diag", "multiswag"}
 DEFAULT_METHODS = ["swag", "multiswag", "svi_normal", "svi_lowrank"]
 SMALL = {"boston", "concrete", "energy", "wine", "yacht"}  # NUTS only here
@@ -68,21 +68,29 @@ def config_for(name: str, args, num_train: int = 0) -> CompareConfig:
     SWAG's covariance scale chosen jointly with ``swa_c`` (and the pre-training run) from
     :data:`SCALE_GRID`, on the same held-out part and short SWA phases; on the small sets each
     pre-training run also offers its point of best held-out squared error as a candidate.
+    Recipe F (``--recipe f``) is E with a heteroscedastic network (``heteroscedastic=True``:
+    a second output gives the noise sd per input), the likelihood of the published SWAG's
+    UCI runs. Recipe G (``--recipe g``) is F pre-trained on the beta-NLL loss with
+    beta = 0.5 (``pretrain_beta=0.5``), so that the points F's network gives a large noise sd
+    still pull the mean.
     """
     large = name in LARGE
-    longer = large and args.recipe in ("c", "d", "e")
-    if args.recipe in ("b", "c", "d", "e"):
+    longer = large and args.recipe in ("c", "d", "e", "f", "g")
+    e_like = args.recipe in ("e", "f", "g")
+    if args.recipe in ("b", "c", "d", "e", "f", "g"):
         return CompareConfig(
+            heteroscedastic=args.recipe in ("f", "g"),
+            pretrain_beta=0.5 if args.recipe == "g" else None,
             pretrain_steps=40000 if longer else 20000 if large else 10000,
             pretrain_lr_decay=0.01 if longer else 0.1,
             pretrain_batch_size=512 if large else 128,
             pretrain_batch_grid=None if large else (128, max(num_train, 128)),
             patience=None if longer else 30,
             pretrain_val_fraction=0.1,
-            pretrain_select="swag" if args.recipe in ("d", "e") and not large else "map",
+            pretrain_select="swag" if args.recipe in ("d", "e", "f", "g") and not large else "map",
             swa_c_grid=(0.01, 0.03, 0.1, 0.3) if longer else (0.03, 0.1, 0.3),
-            swa_scale_grid=SCALE_GRID if args.recipe == "e" else None,
-            pretrain_checkpoints=("ll", "rmse") if args.recipe == "e" and not large else ("ll",),
+            swa_scale_grid=SCALE_GRID if e_like else None,
+            pretrain_checkpoints=("ll", "rmse") if e_like and not large else ("ll",),
             svi_steps=args.svi_steps,
             swa_snapshots=args.snapshots,
             max_collect_every=20 if large else 50,
@@ -110,7 +118,8 @@ def settings(cfg: CompareConfig) -> dict:
     keys = ("pretrain_steps", "pretrain_batch_size", "pretrain_val_fraction", "svi_steps",
             "swa_snapshots", "max_collect_every", "multiswag_runs", "swa_c", "rank",
             "pretrain_batch_grid", "pretrain_lr_decay", "pretrain_select", "swa_c_grid",
-            "patience", "swa_scale_grid", "pretrain_checkpoints")
+            "patience", "swa_scale_grid", "pretrain_checkpoints", "heteroscedastic",
+            "pretrain_beta")
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -148,14 +157,15 @@ def run_split(name: str, split: int, methods: list[str], args, cache: dict) -> N
     data = load_uci(name, split, args.data_dir)
     cfg = config_for(name, args, data.x_train.shape[0])
     torch.manual_seed(0)
-    model = make_model(data, cfg.hidden, cfg.seed)
+    model = make_model(data, cfg.hidden, cfg.seed, cfg.heteroscedastic)
     state: dict = {}
     for method in todo:
         pyro.set_rng_seed(cfg.seed)
         start = time.perf_counter()
         try:
-            res = run_method(method, model, lambda s: make_model(data, cfg.hidden, s), data,
-                             cfg, state, quiet=not args.progress)
+            res = run_method(method, model,
+                             lambda s: make_model(data, cfg.hidden, s, cfg.heteroscedastic),
+                             data, cfg, state, quiet=not args.progress)
         except (ValueError, RuntimeError) as err:
             cache[f"{name}/{split}/{_key(method, args)}"] = {"status": "failed",
                                                             "note": str(err)[:300]}
@@ -213,7 +223,9 @@ def main(argv=None) -> int:
                              "40000 Adam steps, no early stop on the large sets (swag_c); d: c "
                              "with the small sets' pre-training run chosen by the SWAG "
                              "predictive (swag_d); e: d with SWAG's scale chosen on the "
-                             "held-out part too (swag_e, multiswag_e)")
+                             "held-out part too (swag_e, multiswag_e); f: e with a "
+                             "heteroscedastic network (swag_f); g: f pre-trained on "
+                             "beta-NLL, beta 0.5 (swag_g)")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)

@@ -1,11 +1,11 @@
 """The hand-written parts of docs/results/uci.md (:mod:`uci_report` adds the tables): what
-recipes B to E and MultiSWAG (E) are and why they were run, and where SWAG falls short."""
+recipes B to G and MultiSWAG (E) are and why they were run, and where SWAG falls short."""
 
 from __future__ import annotations
 
 
 def recipes(multiswag_runs: int) -> list[str]:
-    """Paragraphs on recipes B to E and MultiSWAG (E), separated by empty lines."""
+    """Paragraphs on recipes B to G and MultiSWAG (E), separated by empty lines."""
     return [
         "Recipe B (columns marked B; `--recipe b`, cached as `swag_b` in "
         "`uci_cache_d.json`, power and energy in `uci_cache_e.json`): recipe A with "
@@ -85,6 +85,35 @@ def recipes(multiswag_runs: int) -> list[str]:
         "concrete, where recipe E is cheapest, first), after SWAG (E)'s results were known; "
         "it is not SWAG, so the targets below do not use it. Its wall time includes both "
         "runs.",
+        "",
+        "Recipe F (column F, het.; `--recipe f`, cached as `swag_f` in "
+        "`uci_cache_recipe_f_<set>.json`): recipe E (on the large sets: C with E's scale "
+        "grid) with a *heteroscedastic* network, `heteroscedastic=True`: a second output "
+        "gives the noise sd σ(x) = softplus(·) + 10⁻³ per input instead of one learned "
+        "precision, and τ̂ in the SWA rate c/τ̂ is the mean of 1/σ(x)² at the MAP. The "
+        "reason is a fact about the published numbers, not our test results: the authors' "
+        "regression script has a `--model_variance` option (two outputs, mean and "
+        "variance), and the small-UCI run scripts of its public copy we read set it, so "
+        "the published SWAG's network is heteroscedastic while ours (A–E) is not. F was "
+        "conceived after E's results were known (yacht and concrete short); it was defined, "
+        "and its runs on every split decided, before any F number was seen (yacht split 0 "
+        "ran once alone as a smoke test). It is another model, not another way to fit "
+        "ours, so it does not replace E in the targets below; it is checked against the "
+        "published numbers on its own.",
+        "",
+        "Recipe G (column G, het. β-NLL; `--recipe g`, cached as `swag_g` in "
+        "`uci_cache_recipe_g_<set>.json`): recipe F pre-trained on the beta-NLL loss with "
+        "β = 0.5 (`pretrain_beta=0.5`, `pyro_swag.models.BetaNLL`): each point's "
+        "log-likelihood weighted by its detached σ(x)^2β, normalised to mean 1 per batch, so "
+        "the gradient on the mean is (μ − y)/σ instead of (μ − y)/σ²; held-out choices, the "
+        "SWA phase and the test scores use the model's own likelihood. G was conceived after "
+        "F's test results showed its mean collapsing on the small sets (see below); "
+        "β = 0.5 is the beta-NLL authors' recommended default, fixed without trials. G was "
+        "defined, and its runs decided, before any G number was seen (yacht split 0 ran "
+        "once alone as a smoke test), in the order yacht, concrete, energy, wine, boston "
+        "and protein, power, kin8nm, naval (two processes); a set still running when the "
+        "session's time ran out shows fewer splits. Like F it is another model, so it does "
+        "not replace E in the targets.",
     ]
 
 
@@ -136,6 +165,27 @@ FINDINGS = [
     "concrete, where one run falls short. So part of a single run's shortfall is its "
     "spread over seeds and held-out choices, which the mixture averages; the published "
     "numbers are a single SWAG's, and the targets stay SWAG's.",
+    "- **Recipe F (heteroscedastic)**: on the large sets the per-input noise helps "
+    "everywhere: against C, kin8nm +0.060 ± 0.007 (better on 19 of 20 splits), naval "
+    "+0.259 ± 0.022 (20 of 20), power +0.012 ± 0.004 (14 of 20), protein +0.082 ± 0.007 "
+    "(5 of 5), at slightly worse RMSE (power 4.07 against 4.01, protein 4.62 against "
+    "4.38); power (−2.797) and protein (−2.817) reach MC dropout's −2.80 and −2.87, "
+    "where the homoscedastic net was capacity-bound. On the small sets the mean "
+    "collapses: yacht's LL, −0.381 ± 0.146, is above the published −0.404, but its RMSE "
+    "is 9.69 against E's 0.37 (worse on all 20 splits); energy falls to −1.771 ± 0.637 "
+    "(RMSE 2.00 against 0.44), concrete to −3.275 (RMSE 5.40 against 5.02); boston "
+    "(+0.049, RMSE +0.69) and wine (+0.019, −0.951, still short of −0.93) change little. "
+    "A rerun of yacht split 0 shows the MAP itself at RMSE 9.92: the test points below "
+    "the mean resistance are fitted to about 0.02 with σ ≈ 0.03, the largest (45.8 "
+    "above the mean) is off by 36.6 with σ = 29. The network gives the points it fits "
+    "badly a large σ, which divides their pull on the mean by σ²: the known failure of "
+    "the heteroscedastic Gaussian likelihood that beta-NLL addresses (recipe G). "
+    "τ̂ = mean 1/σ² (1.2·10⁵ there) also makes the SWA rate tiny (2·10⁻⁶). An LL "
+    "bought with such a mean is not counted as meeting the published yacht number. "
+    "For the record, F in place of E and C on every set would give the published SWAG "
+    "on 3 of 5 sets (boston, naval and yacht, the last with the broken mean) and MC "
+    "dropout on 5 of 9 (kin8nm, naval, power, protein, yacht); the rule fixed before F "
+    "ran keeps E and C.",
     "- **kin8nm**: recipe A's 3000 Adam steps under-fitted; 20000 steps and c = 0.03 "
     "(chosen on every split) give 1.243, above MC dropout's 1.14 and SVI's 1.156; "
     "C gives 1.263 (c = 0.01 chosen on 17 of 20 splits; better than B on 18).",

@@ -14,10 +14,13 @@ from uci_notes import FINDINGS, recipes  # noqa: E402  (benchmarks/ is not a pac
 from pyro_swag.compare_methods import LABELS
 
 SETS = ["boston", "concrete", "energy", "kin8nm", "naval", "power", "protein", "wine", "yacht"]
-COLUMNS = ["swag", "swag_b", "swag_c", "swag_d", "swag_e", "multiswag", "multiswag_e",
+COLUMNS = ["swag", "swag_b", "swag_c", "swag_d", "swag_e", "swag_f", "swag_g", "multiswag",
+           "multiswag_e",
            "svi_normal", "svi_lowrank", "nuts"]
 COLUMN_LABELS = {**LABELS, "swag": "SWAG (A)", "swag_b": "SWAG (B)", "swag_c": "SWAG (C)",
-                 "swag_d": "SWAG (D)", "swag_e": "SWAG (E)", "multiswag": "MultiSWAG (A)",
+                 "swag_d": "SWAG (D)", "swag_e": "SWAG (E)", "swag_f": "SWAG (F, het.)",
+                 "swag_g": "SWAG (G, het. β-NLL)",
+                 "multiswag": "MultiSWAG (A)",
                  "multiswag_e": "MultiSWAG (E)"}
 # SWAG's rows per recipe, newest first: the targets use the newest that ran on every split.
 RECIPES = (("E", "swag_e"), ("D", "swag_d"), ("C", "swag_c"), ("B", "swag_b"), ("A", "swag"))
@@ -125,13 +128,13 @@ def against_published(cache: dict, method: str, label: str) -> list[str]:
     return [line for line, _ in lines] or [f"- {label}: no set with every split run yet."]
 
 
-def paired(cache: dict, new: str = "B", old: str = "A") -> list[str]:
-    """Recipe ``new`` against recipe ``old`` on the same splits (test LL); ``"MultiSWAG E"``
-    names recipe E's MultiSWAG."""
-    key = {**dict(RECIPES), "MultiSWAG E": "multiswag_e"}
+def paired(cache: dict, new: str = "B", old: str = "A", metric: str = "test_ll") -> list[str]:
+    """Recipe ``new`` against recipe ``old`` on the same splits (test LL, or ``metric``);
+    ``"MultiSWAG E"`` names recipe E's MultiSWAG."""
+    key = {**dict(RECIPES), "MultiSWAG E": "multiswag_e", "F": "swag_f", "G": "swag_g"}
     out = []
     for name in SETS:
-        rows = {m: {k.split("/")[1]: float(r["test_ll"]) for k, r in cache.items()
+        rows = {m: {k.split("/")[1]: float(r[metric]) for k, r in cache.items()
                     if k.startswith(f"{name}/") and k.endswith(f"/{m}")
                     and r.get("status") == "ok"} for m in (key[old], key[new])}
         common = sorted(set(rows[key[old]]) & set(rows[key[new]]), key=int)
@@ -140,8 +143,10 @@ def paired(cache: dict, new: str = "B", old: str = "A") -> list[str]:
         diff = [rows[key[new]][i] - rows[key[old]][i] for i in common]
         mean, se = _mean_se(diff)
         se_txt = f" ± {se:.3f}" if math.isfinite(se) else ""
-        out.append(f"- {name}: {new} − {old} = {mean:+.3f}{se_txt} nats per point; {new} "
-                   f"better on {sum(d > 0 for d in diff)} of {len(diff)} splits.")
+        better = sum(d > 0 if metric == "test_ll" else d < 0 for d in diff)
+        unit = "nats per point" if metric == "test_ll" else "RMSE (original units)"
+        out.append(f"- {name}: {new} − {old} = {mean:+.3f}{se_txt} {unit}; {new} "
+                   f"better on {better} of {len(diff)} splits.")
     return out
 
 
@@ -210,7 +215,9 @@ def write_table(cache: dict, path: Path, args) -> str:
         "work); its times include the selection runs (2 pre-trainings on the small sets, 3 "
         "SWA phases on the pre-training part plus the final one). Recipe C ran two sets at "
         "a time, one per core, 40000 pre-training steps and 5 SWA phases included. Recipe E ran "
-        "two or three processes at a time on the 2 cores (12 short SWA phases per split).",
+        "two or three processes at a time on the 2 cores (12 short SWA phases per split). "
+        "Recipes F and G ran two processes at a time, in different sessions on different "
+        "machines (G's slower and at times shared with tests), so their times do not compare.",
         "",
         "## Against the targets",
         "",
@@ -229,6 +236,33 @@ def write_table(cache: dict, path: Path, args) -> str:
         *paired(cache, "C", "B"),
         *paired(cache, "D", "B"),
         *paired(cache, "E", "D"),
+        "",
+        "Recipe F (heteroscedastic network) against E (small sets) and C (large sets), "
+        "paired by split, test LL and RMSE (what the per-input noise changes):",
+        "",
+        *paired(cache, "F", "E"),
+        *paired(cache, "F", "C"),
+        *paired(cache, "F", "E", "rmse"),
+        *paired(cache, "F", "C", "rmse"),
+        "",
+        "Recipe F against the published numbers, where it ran on every split (the published "
+        "SWAG's network is heteroscedastic too; MC dropout's is not):",
+        "",
+        *against_published(cache, "swag_f", "SWAG (recipe F)"),
+        "",
+        "Recipe G (F pre-trained on beta-NLL) against F, and against E (small sets) and C "
+        "(large sets), paired by split on the splits both ran, test LL and RMSE:",
+        "",
+        *paired(cache, "G", "F"),
+        *paired(cache, "G", "F", "rmse"),
+        *paired(cache, "G", "E"),
+        *paired(cache, "G", "C"),
+        *paired(cache, "G", "E", "rmse"),
+        *paired(cache, "G", "C", "rmse"),
+        "",
+        "Recipe G against the published numbers, where it ran on every split:",
+        "",
+        *against_published(cache, "swag_g", "SWAG (recipe G)"),
         "",
         "MultiSWAG (E) against SWAG (E), paired by split (what the second run adds):",
         "",

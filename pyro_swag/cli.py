@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", default="out/compare", help="output directory (default out/compare)")
     cmp.add_argument("--hidden", type=int, nargs="+", default=[50],
                      help="hidden layer widths (default 50)")
+    cmp.add_argument("--heteroscedastic", action="store_true",
+                     help="regression: the network also predicts the noise sd per input")
+    cmp.add_argument("--pretrain-beta", type=float, default=None, metavar="BETA",
+                     help="with --heteroscedastic: pre-train on the beta-NLL loss (0.5 usual)")
     cmp.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                      metavar="METHOD", help=f"subset of: {' '.join(METHODS)}")
     cmp.add_argument("--num-samples", type=int, default=100, help="draws per method")
@@ -60,7 +64,9 @@ def _config(args):
     from .compare import CompareConfig, quick_config
 
     base = quick_config() if args.quick else CompareConfig()
-    overrides = {"hidden": tuple(args.hidden), "methods": tuple(args.methods),
+    overrides = {"hidden": tuple(args.hidden), "heteroscedastic": args.heteroscedastic,
+                 "pretrain_beta": args.pretrain_beta,
+                 "methods": tuple(args.methods),
                  "num_samples": args.num_samples, "seed": args.seed}
     if args.quick and args.num_samples == 100:
         overrides.pop("num_samples")

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import compare_report as report
 from .compare_methods import METHODS, MethodResult, run_method
 from .data import Dataset, load_dataset
-from .models import BayesianMLP
+from .models import HETEROSCEDASTIC, BayesianMLP
 
 __all__ = ["CompareConfig", "METHODS", "compare", "make_model", "quick_config"]
 
@@ -42,6 +42,14 @@ class CompareConfig:
     ----------
     hidden : tuple of int
         Hidden widths of the default :class:`~pyro_swag.models.BayesianMLP`.
+    heteroscedastic : bool
+        Regression only: the default network predicts a noise sd per input
+        (``BayesianMLP(noise="heteroscedastic")``) instead of learning one precision.
+    pretrain_beta : float or None
+        Heteroscedastic network only: pre-train on the beta-NLL loss
+        (:class:`~pyro_swag.models.BetaNLL`, 0.5 is the usual value) so that points given a
+        large noise sd still pull the mean; held-out choices, SWA and scores use the model's
+        own likelihood. None: the plain likelihood.
     batch_size : int
         Minibatch size of SGD/SVI.
     pretrain_steps : int
@@ -79,7 +87,8 @@ class CompareConfig:
         Use ``JitTrace_ELBO`` in the Adam phases (~3x faster on small nets).
     swa_c : float
         SWA learning rate per datum is ``swa_c / tau_hat`` (``tau_hat`` the learned noise
-        precision after pre-training; 1 for classification).
+        precision after pre-training, for a heteroscedastic network the mean of
+        ``1 / sigma(x)**2`` over the training inputs; 1 for classification).
     swa_c_grid : tuple of float or None
         When set (and ``pretrain_val_fraction > 0``), ``swa_c`` is chosen per run from this
         grid: each rate runs the SWA phase on the pre-training part from the MAP and the one
@@ -123,6 +132,8 @@ class CompareConfig:
     """
 
     hidden: tuple[int, ...] = (50,)
+    heteroscedastic: bool = False
+    pretrain_beta: float | None = None
     batch_size: int = 32
     pretrain_steps: int = 3000
     pretrain_lr: float = 1e-2
@@ -170,6 +181,14 @@ class CompareConfig:
                                           or self.patience < 1):
             raise ValueError(f"patience must be None or an int >= 1, got "
                              f"patience={self.patience!r}")
+        if self.pretrain_beta is not None:
+            if not self.heteroscedastic:
+                raise ValueError(f"pretrain_beta={self.pretrain_beta!r} only changes a "
+                                 f"heteroscedastic network's fit; set heteroscedastic=True or "
+                                 f"pretrain_beta=None")
+            if not isinstance(self.pretrain_beta, (int, float)) or not 0 < self.pretrain_beta <= 1:
+                raise ValueError(f"pretrain_beta must be None or a number in (0, 1], got "
+                                 f"pretrain_beta={self.pretrain_beta!r} (0.5 is the usual value)")
         if self.pretrain_select not in ("map", "swag"):
             raise ValueError(f"pretrain_select must be 'map' or 'swag', got "
                              f"pretrain_select={self.pretrain_select!r}")
@@ -216,10 +235,17 @@ def quick_config(**overrides) -> CompareConfig:
     return CompareConfig(**values)
 
 
-def make_model(data: Dataset, hidden: Sequence[int] = (50,), seed: int = 0) -> BayesianMLP:
-    """The default model: a :class:`BayesianMLP` with the dataset's likelihood."""
+def make_model(data: Dataset, hidden: Sequence[int] = (50,), seed: int = 0,
+               heteroscedastic: bool = False) -> BayesianMLP:
+    """The default model: a :class:`BayesianMLP` with the dataset's likelihood (with
+    ``heteroscedastic``, a regression network that also predicts the noise sd)."""
+    if heteroscedastic and not data.is_regression:
+        raise ValueError(f"heteroscedastic=True needs a regression dataset; {data.name!r} has "
+                         f"likelihood={data.likelihood!r} (drop heteroscedastic)")
     torch.manual_seed(seed)  # the network's own fan-in init depends on it
-    return BayesianMLP(data.in_features, data.out_features, tuple(hidden), data.likelihood)
+    noise = HETEROSCEDASTIC if heteroscedastic else None
+    return BayesianMLP(data.in_features, data.out_features, tuple(hidden), data.likelihood,
+                       noise=noise)
 
 
 _OUTPUTS = ("results.json", "report.md", "predictive.png", "calibration.png", "forest.png",
@@ -283,10 +309,10 @@ def compare(
     if not isinstance(data, Dataset):
         raise TypeError(f"data must be a Dataset or a dataset name, got data={type(data).__name__}")
     if model is None:
-        model = make_model(data, config.hidden, config.seed)
+        model = make_model(data, config.hidden, config.seed, config.heteroscedastic)
         if model_factory is None:
             def model_factory(seed):
-                return make_model(data, config.hidden, seed)
+                return make_model(data, config.hidden, seed, config.heteroscedastic)
     elif model_factory is None:
         def model_factory(seed):
             return model

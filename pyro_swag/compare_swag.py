@@ -21,6 +21,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from tqdm.auto import tqdm
 
 from .autoguide import SWAGCollector
+from .models import HETEROSCEDASTIC, BetaNLL
 from .predictive import log_likelihood
 from .train import fit
 
@@ -83,10 +84,17 @@ def _val_scores(model, collector, x, y, val, mse: bool) -> tuple[float, float]:
     return float(fn.log_prob(y[val]).mean()), neg_mse
 
 
-def _precision(model, values: dict[str, torch.Tensor]) -> float:
-    """Noise precision ``tau_hat`` at the MAP (1 for classification)."""
+def _precision(model, values: dict[str, torch.Tensor], x=None, y=None) -> float:
+    """Noise precision ``tau_hat`` at the MAP: the learned one, ``1 / noise**2``, or for a
+    heteroscedastic network the mean of ``1 / sigma(x)**2`` over ``x`` (1 for
+    classification)."""
     if "precision" in values:
         return float(values["precision"])
+    if getattr(model, "noise", None) == HETEROSCEDASTIC and x is not None:
+        with torch.no_grad():
+            cond = pyro.poutine.condition(model, data=values)
+            fn = pyro.poutine.trace(cond).get_trace(x, y).nodes["obs"]["fn"]
+            return float(fn.variance.reciprocal().mean())
     noise = getattr(model, "noise", None)
     if isinstance(noise, (int, float)) and getattr(model, "likelihood", "") == "gaussian":
         return 1.0 / float(noise) ** 2
@@ -178,7 +186,7 @@ def _at(model, collector, loc, x, y, batch: int, config) -> tuple:
         curvature = _curvature(model, collector, x, y, batch)
         if curvature:
             cap = config.swa_stability * 2 * (1 + 0.9) / curvature
-    return values, _precision(model, values), curvature, cap
+    return values, _precision(model, values, x, y), curvature, cap
 
 
 def _pretrain(model, collector, x, y, train, val, pre_batch, config, quiet, desc) -> dict:
@@ -196,6 +204,8 @@ def _pretrain(model, collector, x, y, train, val, pre_batch, config, quiet, desc
          "lrd": config.pretrain_lr_decay ** (1 / steps)}
     )
     scaled = pyro.poutine.scale(model, scale=1.0 / nt)
+    if config.pretrain_beta is not None:  # the fitting loss only; scores use the model
+        scaled = BetaNLL(config.pretrain_beta)(scaled)
     svi = SVI(scaled, pyro.poutine.scale(collector, scale=1.0 / nt), optim, _elbo(config))
     it = _batches(nt, min(pre_batch, nt))
     crits = config.pretrain_checkpoints if val is not None else ("ll",)

@@ -18,11 +18,14 @@ import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroModule, PyroSample
+from pyro.poutine.messenger import Messenger
 from torch import nn
 
-__all__ = ["BayesianMLP", "LIKELIHOODS", "observe"]
+__all__ = ["BayesianMLP", "BetaNLL", "HETEROSCEDASTIC", "LIKELIHOODS", "MIN_SD", "observe"]
 
 LIKELIHOODS = ("gaussian", "categorical", "bernoulli")
+HETEROSCEDASTIC = "heteroscedastic"
+MIN_SD = 1e-3  # floor of a heteroscedastic network's noise sd (in the units of y)
 
 
 _ACTIVATIONS = ("tanh", "relu")
@@ -37,17 +40,25 @@ def observe(
     out: torch.Tensor,
     y: torch.Tensor | None,
     likelihood: str = "gaussian",
-    noise: float | None = None,
+    noise: float | str | None = None,
     noise_prior: tuple[float, float] = (1.0, 0.01),
     num_data: int | None = None,
 ) -> None:
     """The likelihood of network outputs ``out`` (B, out_features): site ``"obs"``.
 
-    Gaussian with fixed ``noise`` sd or a learned precision ``"precision" ~
-    Gamma(*noise_prior)``, Bernoulli or categorical on logits; in the plate ``"data"`` of full
-    size ``num_data`` (default B), so a minibatch is scaled by ``num_data / B``.
+    Gaussian with fixed ``noise`` sd, a learned precision ``"precision" ~
+    Gamma(*noise_prior)``, or (``noise="heteroscedastic"``) a per-point sd read off the
+    network: ``out`` is then (B, 2), mean ``out[:, 0]`` and sd
+    ``softplus(out[:, 1]) + MIN_SD``. Bernoulli or categorical on logits. In the plate
+    ``"data"`` of full size ``num_data`` (default B), so a minibatch is scaled by
+    ``num_data / B``.
     """
-    if likelihood == "gaussian":
+    if likelihood == "gaussian" and noise == HETEROSCEDASTIC:
+        if out.shape[-1] != 2:
+            raise ValueError(f"noise='heteroscedastic' needs 2 network outputs (mean, sd), got "
+                             f"out.shape={tuple(out.shape)}")
+        obs = dist.Normal(out[..., 0], torch.nn.functional.softplus(out[..., 1]) + MIN_SD)
+    elif likelihood == "gaussian":
         if noise is None:
             c, r = noise_prior
             tau = pyro.sample("precision", dist.Gamma(out.new_tensor(c), out.new_tensor(r)))
@@ -62,6 +73,36 @@ def observe(
     index = torch.arange(out.shape[0], device=out.device)
     with pyro.plate("data", size=num_data or out.shape[0], subsample=index):
         pyro.sample("obs", obs, obs=y)
+
+
+class BetaNLL(Messenger):
+    r"""Weight each point's log-likelihood at site ``"obs"`` by its detached variance to
+    the power ``beta`` (beta-NLL, Seitzer et al. 2022), normalised to mean 1 over the batch
+    (sg: stop-gradient):
+
+    .. math:: w_i = \frac{\operatorname{sg}(\sigma_i^{2\beta})}
+                         {\frac1B \sum_j \operatorname{sg}(\sigma_j^{2\beta})}.
+
+    For a heteroscedastic network the gradient on the mean becomes
+    :math:`w_i (\mu_i - y_i) / \sigma_i^2`, so points given a large sd are no longer
+    ignored (at ``beta=1`` it is the squared error's gradient up to the weights'
+    normalisation), while the fixed point of :math:`\sigma_i^2` stays
+    :math:`(\mu_i - y_i)^2`. It changes the loss, not the model: use it while fitting, not
+    when scoring. The normalisation keeps the likelihood's total weight against the prior.
+    """
+
+    def __init__(self, beta: float = 0.5, site: str = "obs") -> None:
+        if not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
+            raise ValueError(f"beta must be a number in [0, 1], got beta={beta!r} "
+                             f"(0.5 is the usual choice)")
+        super().__init__()
+        self.beta, self.site = float(beta), site
+
+    def _process_message(self, msg) -> None:
+        if msg["name"] != self.site or self.beta == 0:
+            return
+        weight = msg["fn"].variance.detach() ** self.beta
+        msg["scale"] = msg["scale"] * weight / weight.mean()
 
 
 class _LayerPrior:
@@ -85,7 +126,7 @@ class _LayerPrior:
 
 
 class BayesianMLP(PyroModule):
-    """A fully connected Bayesian network ``in -> hidden... -> out``.
+    r"""A fully connected Bayesian network ``in -> hidden... -> out``.
 
     Parameters
     ----------
@@ -97,9 +138,11 @@ class BayesianMLP(PyroModule):
         Observation model of the site ``"obs"``.
     prior_scale : float
         Standard deviation of the Normal prior on every weight and bias.
-    noise : float or None
-        Gaussian likelihood only: a fixed noise sd, or ``None`` to learn the precision
-        ``tau ~ Gamma(noise_prior)`` (site ``"precision"``).
+    noise : float, None or "heteroscedastic"
+        Gaussian likelihood only: a fixed noise sd, ``None`` to learn the precision
+        ``tau ~ Gamma(noise_prior)`` (site ``"precision"``), or ``"heteroscedastic"``: the
+        last layer has two outputs, mean and :math:`\sigma(x) = \mathrm{softplus}(\cdot) +
+        10^{-3}`, so the noise varies with the input and has no latent site of its own.
     noise_prior : tuple of float
         Concentration and rate of the Gamma prior on the noise precision.
     activation : {"tanh", "relu"}
@@ -108,7 +151,8 @@ class BayesianMLP(PyroModule):
     Notes
     -----
     Call as ``model(x, y=None, num_data=None)``; ``num_data`` is the full data size when
-    ``x`` is a minibatch. The result is the network output (mean or logits).
+    ``x`` is a minibatch. The result is the network output (mean or logits; with
+    ``noise="heteroscedastic"`` the two columns mean and raw sd).
     """
 
     def __init__(
@@ -118,7 +162,7 @@ class BayesianMLP(PyroModule):
         hidden: tuple[int, ...] = (50,),
         likelihood: str = "gaussian",
         prior_scale: float = 1.0,
-        noise: float | None = None,
+        noise: float | str | None = None,
         noise_prior: tuple[float, float] = (1.0, 0.01),
         activation: str = "tanh",
     ) -> None:
@@ -131,6 +175,15 @@ class BayesianMLP(PyroModule):
             raise ValueError(f"bernoulli needs out_features=1, got out_features={out_features}")
         if not prior_scale > 0:
             raise ValueError(f"prior_scale must be > 0, got prior_scale={prior_scale!r}")
+        if isinstance(noise, str) and noise != HETEROSCEDASTIC:
+            raise ValueError(f"noise={noise!r} is not a number, None or {HETEROSCEDASTIC!r}")
+        if noise == HETEROSCEDASTIC and (likelihood != "gaussian" or out_features != 1):
+            raise ValueError(
+                f"noise='heteroscedastic' needs likelihood='gaussian' and out_features=1, got "
+                f"likelihood={likelihood!r}, out_features={out_features}"
+            )
+        if noise == HETEROSCEDASTIC:
+            out_features = 2  # mean and (softplus-transformed) sd
         self.likelihood = likelihood
         self.activation = activation
         self.noise = noise

@@ -34,6 +34,21 @@ def test_verdict_uses_the_newest_recipe_run_on_every_split():
     assert lines[-1] == "- SWAG ≥ MC dropout on 1 of 9 sets (target: ≥ 5)."
 
 
+def test_heteroscedastic_recipes_never_enter_the_verdict():
+    # F and G are another model: fixed before they ran, the targets keep E (and C)
+    cache = _cache({
+        ("yacht", "swag_e"): [-0.5] * 20,
+        ("yacht", "swag_f"): [-0.1] * 20,
+        ("yacht", "swag_g"): [0.2] * 20,
+    })
+    yacht = next(line for line in report.verdict(cache) if line.startswith("- yacht"))
+    assert "recipe E" in yacht and "-0.500" in yacht and "(**short**)" in yacht
+    (line,) = report.against_published(cache, "swag_g", "SWAG (recipe G)")
+    assert "0.200" in line and "≥ published SWAG -0.404" in line
+    (line,) = report.paired(cache, "G", "F")
+    assert "G − F = +0.300" in line
+
+
 def test_paired_differences_match_by_split():
     cache = _cache({
         ("yacht", "swag_e"): [-0.5, -0.4, -0.6],
