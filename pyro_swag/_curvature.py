@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from pyro import poutine
 
-from .lr import _per_example_grads
+from .lr import _data_kwargs, _per_example_grads
 
 KINDS = ("diag", "full")
 MAX_DENSE = 4096
@@ -90,22 +90,23 @@ def _check_kind(kind) -> str:
     return kind
 
 
-def _neg_log_prior(model, collector, batch, num_data) -> torch.Tensor:
+def _neg_log_prior(model, collector, batch, num_data, num_data_arg="num_data") -> torch.Tensor:
     """:math:`-\\log p(\\theta)` of the unconstrained latent (prior + Jacobian), unscaled."""
-    guide_tr = poutine.trace(collector).get_trace(*batch, num_data=num_data)
-    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
-        *batch, num_data=num_data
-    )
+    kwargs = _data_kwargs(num_data, num_data_arg)
+    guide_tr = poutine.trace(collector).get_trace(*batch, **kwargs)
+    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*batch, **kwargs)
     latent = model_tr.log_prob_sum(lambda name, site: not site["is_observed"])
     return guide_tr.log_prob_sum() - latent
 
 
-def _prior_hessian(model, collector, batch, num_data, kind: str, probes: int = 16):
+def _prior_hessian(
+    model, collector, batch, num_data, kind: str, probes: int = 16, num_data_arg="num_data"
+):
     """Dense Hessian (D, D), or its diagonal (exact up to MAX_DENSE, else Hutchinson)."""
     loc = collector.loc
     dim = loc.numel()
     (grad,) = torch.autograd.grad(
-        _neg_log_prior(model, collector, batch, num_data), loc, create_graph=True
+        _neg_log_prior(model, collector, batch, num_data, num_data_arg), loc, create_graph=True
     )
     if not grad.requires_grad:  # the prior is flat or linear in loc
         zeros = torch.zeros(dim, dtype=loc.dtype, device=loc.device)
@@ -148,21 +149,26 @@ def _validate(collector, num_data, kind: str, damping) -> None:
         )
 
 
-def _curvature_parts(model, collector, batches, num_data: int, kind: str):
+def _curvature_parts(
+    model, collector, batches, num_data: int, kind: str, num_data_arg: str | None = "num_data"
+):
     """Per-example log-likelihood gradients (n, D) and the prior's Hessian / N."""
     batches = [b if isinstance(b, (tuple, list)) else (b,) for b in batches]
     if not batches:
         raise ValueError("batches is empty; pass one epoch of minibatches")
     grads = []
     for batch in batches:
-        g = _per_example_grads(model, collector, tuple(batch), num_data)
+        g = _per_example_grads(model, collector, tuple(batch), num_data, num_data_arg)
         if g is None:
             raise RuntimeError(
                 "precondition needs per-example gradients, but an observed site's log-density "
                 "is not indexed by the batch's first dimension; use precondition=None"
             )
         grads.append(g)
-    prior = _prior_hessian(model, collector, tuple(batches[0]), num_data, kind) / num_data
+    first = tuple(batches[0])
+    prior = _prior_hessian(
+        model, collector, first, num_data, kind, num_data_arg=num_data_arg
+    ) / num_data
     return torch.cat(grads), prior
 
 

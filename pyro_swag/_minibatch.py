@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable
 
 import torch
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
 
 DEFAULT_BATCH = 128
 
@@ -60,6 +62,13 @@ def _batches(data, batch_size, num_data):
             f"batch_size={batch_size} applies to tensor data only; a loader uses its own "
             "batch size: drop batch_size"
         )
+    if num_data is not None and (
+        isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1
+    ):
+        raise ValueError(
+            f"num_data must be an integer >= 1 (the full data size), got num_data={num_data!r}; "
+            "pass the number of data points the loader draws from"
+        )
     if num_data is None:
         dataset = getattr(data, "dataset", None)
         try:
@@ -89,9 +98,16 @@ def _as_args(batch) -> tuple:
 
 
 def _accepts(model: Callable, name: str | None) -> bool:
+    """Whether ``model`` takes the keyword ``name``, looking through poutine handlers."""
     if name is None:
         return False
-    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    fn = model
+    while (  # Messenger(...)(fn), e.g. BetaNLL(0.5)(model): a partial(_context_wrap, m, fn)
+        isinstance(fn, functools.partial) and len(fn.args) == 2
+        and isinstance(fn.args[0], Messenger)
+    ):
+        fn = fn.args[1]
+    fn = fn.forward if isinstance(fn, torch.nn.Module) else fn
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -100,14 +116,18 @@ def _accepts(model: Callable, name: str | None) -> bool:
 
 
 def _check_scaling(model, args, kwargs, num_data: int) -> None:
-    """Raise unless the observed sites of a minibatch are scaled by ``num_data / batch``."""
+    """Raise unless the observed sites of a minibatch are scaled by ``num_data / batch``.
+
+    A per-point (tensor) scale is compared by its mean: reweightings such as
+    :class:`~pyro_swag.models.BetaNLL` normalise their weights to mean 1 over the batch.
+    """
     batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None
     if batch is None or batch == num_data:
         return
     with torch.random.fork_rng(), torch.no_grad():
         trace = poutine.trace(model).get_trace(*args, **kwargs)
     observed = [
-        (name, float(site["scale"]))
+        (name, float(torch.as_tensor(site["scale"], dtype=torch.float64).mean()))
         for name, site in trace.nodes.items()
         if site["type"] == "sample" and site["is_observed"]
     ]
@@ -116,7 +136,8 @@ def _check_scaling(model, args, kwargs, num_data: int) -> None:
         if abs(scale - expected) > 1e-4 * expected:
             raise ValueError(
                 f"minibatch of {batch} of num_data={num_data} points, but the observed site "
-                f"{name!r} has likelihood scale {scale:g} instead of {expected:g}: the model does "
+                f"{name!r} has likelihood scale {scale:g} (mean over the batch) instead of "
+                f"{expected:g}: the model does "
                 "not declare the full data size. Wrap the likelihood in "
                 f"pyro.plate('data', size={num_data}, subsample=torch.arange({batch})) (or accept "
                 "a num_data argument), or pass check_scaling=False if the scale is intended"

@@ -19,6 +19,8 @@ from pyro import poutine
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoDiagonalNormal
 from pyro.infer.autoguide.initialization import InitMessenger
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import biject_to
@@ -77,10 +79,33 @@ class _Unobserve(UnconditionMessenger):
             super()._pyro_sample(msg)
 
 
+class _RandomSubsamples(Messenger):
+    """Record the plates that draw a random subsample (``subsample_size`` < size, no
+    ``subsample=``): every model pass would index the data differently."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plates: list[str] = []
+
+    def _pyro_sample(self, msg) -> None:
+        fn = msg["fn"]
+        if (isinstance(fn, _Subsample) and msg["value"] is None
+                and fn.subsample_size is not None and fn.subsample_size < fn.size):
+            self.plates.append(msg["name"])
+
+
 def _site_info(model: Callable, args: tuple, kwargs: dict) -> dict[str, dict]:
     """Latent, observed and deterministic sites of one prior run: ``{kind: {name: site}}``."""
-    with torch.random.fork_rng(), torch.no_grad():
+    with torch.random.fork_rng(), torch.no_grad(), _RandomSubsamples() as random:
         trace = prune_subsample_sites(poutine.trace(model).get_trace(*args, **kwargs))
+    if random.plates:
+        name = random.plates[0]
+        raise ValueError(
+            f"plate {name!r} draws a random subsample (subsample_size smaller than its size, "
+            "no subsample=), so log_likelihood, observed_data and posterior_predictive would "
+            f"each see different data; for the export run the model on all the data: "
+            f"pyro.plate({name!r}, N, subsample=torch.arange(N)) or subsample_size=None"
+        )
     info: dict[str, dict] = {"latent": {}, "observed": {}, "deterministic": {}}
     for name, site in trace.nodes.items():
         if site["type"] != "sample":
@@ -198,14 +223,19 @@ def _guide_draws(guide, model, args, kwargs, info, num_chains, num_draws):
     if getattr(guide, "prototype_trace", None) is None and hasattr(guide, "_setup_prototype"):
         with torch.random.fork_rng():
             guide._setup_prototype(*args, **kwargs)
-    if isinstance(guide, MultiSWAG):
+    equal = isinstance(guide, MultiSWAG) and bool((guide.weights == guide.weights[0]).all())
+    if equal:  # d draws of every run: the equal mixture, whose density is log_q
         if num_chains not in (None, guide.num_runs):
             raise ValueError(
-                f"num_chains={num_chains} but a MultiSWAG guide is exported with one chain per "
-                f"run ({guide.num_runs}); pass num_chains=None"
+                f"num_chains={num_chains} but a MultiSWAG guide with equal weights is exported "
+                f"with one chain per run ({guide.num_runs}); pass num_chains=None"
             )
         c, d = guide.num_runs, _check_count("num_draws", num_draws, 100)
         latents = guide.sample_chains(d).reshape(c * d, -1)
+    elif isinstance(guide, MultiSWAG):  # unequal weights: i.i.d. draws of the mixture
+        c = _check_count("num_chains", num_chains, 1)
+        d = _check_count("num_draws", num_draws, 100)
+        latents = guide.sample_mixture(c * d)
     elif hasattr(guide, "_unconstrained_shapes") and hasattr(guide, "get_posterior"):
         c = _check_count("num_chains", num_chains, 1)
         d = _check_count("num_draws", num_draws, 100)

@@ -265,6 +265,8 @@ def forward_draws(
 
     The vectorized form of "for each draw: load the parameters, refresh BatchNorm over the
     training loader (:func:`torch.optim.swa_utils.update_bn`), run forward in eval mode".
+    As in ``update_bn`` the refresh runs the whole net in train mode: Dropout is active
+    there, with independent randomness per draw.
 
     Parameters
     ----------
@@ -319,7 +321,11 @@ def forward_draws(
 
 
 def _refresh_norms(net, params: dict, loader) -> dict[str, torch.Tensor]:
-    """Per-draw BatchNorm statistics, as ``update_bn`` (cumulative average over ``loader``)."""
+    """Per-draw BatchNorm statistics, as ``update_bn`` (cumulative average over ``loader``).
+
+    As in ``update_bn`` the net runs in train mode, so random train-mode layers (Dropout)
+    are active, with independent randomness per draw (``vmap(randomness="different")``).
+    """
     num = next(iter(params.values())).shape[0]
     batched, shared, saved = {}, {}, []
     for name, module in net.named_modules():
@@ -345,7 +351,10 @@ def _refresh_norms(net, params: dict, loader) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             for batch in loader:
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                torch.func.vmap(step, in_dims=(0, 0, None))(params, batched, x.to(device))
+                # the whole net in train mode, as update_bn: Dropout (any random train-mode
+                # layer) draws independently for every draw of the parameters
+                refresh = torch.func.vmap(step, in_dims=(0, 0, None), randomness="different")
+                refresh(params, batched, x.to(device))
     finally:
         for module, momentum in saved:
             module.momentum = momentum

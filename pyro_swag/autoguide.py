@@ -149,12 +149,12 @@ class SWAGCollector(AutoLaplaceApproximation):
                 f"swag_guide() needs at least 2 snapshots, {self.num_snapshots} collected; "
                 "call collect() during training"
             )
-        m = self.moments
+        m, device = self.moments, self.loc.device  # the guide lives with the model
         guide = SWAGGuide(
             self.model,
-            loc=m.mean.clone(),
-            variance=m.variance(),
-            deviations=m.deviation_matrix(),
+            loc=m.mean.to(device, copy=True),
+            variance=m.variance().to(device),
+            deviations=m.deviation_matrix().to(device),
             scale=scale,
             diagonal=diagonal,
             layout=_layout(self),
@@ -177,6 +177,7 @@ class SWAGCollector(AutoLaplaceApproximation):
         """Restore a collector exactly; its model must have been set up (called) first."""
         self._require_setup("load_state_dict()")
         _check_layout(state_dict["_extra_state"]["layout"], _layout(self), "checkpoint")
+        self.moments.check_state(state_dict, "moments.", dtype=self.loc.dtype)
         with torch.no_grad():
             self.loc.copy_(state_dict["loc"])  # in place: optimiser state stays attached
         rest = {k: v for k, v in state_dict.items() if k != "loc"}
@@ -245,10 +246,17 @@ class SWAGGuide(FittedContinuous):
         layout: list | None = None,
     ) -> None:
         super().__init__(model)
-        if loc.dim() != 1 or variance.shape != loc.shape or deviations.shape[-1:] != loc.shape:
+        if (loc.dim() != 1 or variance.shape != loc.shape or deviations.dim() != 2
+                or deviations.shape[-1:] != loc.shape):
             raise ValueError(
                 f"loc {tuple(loc.shape)}, variance {tuple(variance.shape)} and deviations "
-                f"{tuple(deviations.shape)} must be (P,), (P,) and (K, P)"
+                f"{tuple(deviations.shape)} must be (P,), (P,) and (K, P); pass "
+                f"deviations=torch.zeros(0, P) for none"
+            )
+        if not bool(torch.isfinite(variance).all()) or bool((variance < 0).any()):
+            raise ValueError(
+                "variance must be finite and >= 0 in every entry; pass the diagonal variance "
+                "Sigma_diag, e.g. SWAGMoments.variance()"
             )
         self.register_buffer("loc", loc)
         self.register_buffer("variance", variance)

@@ -52,6 +52,9 @@ __all__ = [
 
 METHODS = ("validation", "elbo", "psis")
 KHAT_MAX = 0.7
+#: PSIS fits a generalised Pareto to the largest ``num_samples // 5`` ratios (arviz-stats,
+#: up to 225 draws) and needs at least 5 of them.
+PSIS_MIN_SAMPLES = 25
 SCALE_RANGE = (2.0**-20, 2.0**12)
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
@@ -317,9 +320,16 @@ def calibrate_psis(
     is always added to the grid. ``*args, **kwargs`` are the training
     data, as in :func:`calibrate_elbo`; the grid is not refined (:math:`\\hat k` is not
     smooth in the scale). ``curve`` holds ``khat`` and ``ess`` (draws, out of
-    ``num_samples``).
+    ``num_samples``, which must be at least ``PSIS_MIN_SAMPLES`` = 25: the Pareto tail is
+    fitted to ``num_samples // 5`` draws and needs 5).
     """
     grid = sorted(set(_check(guide, scales, num_samples)) | {guide.scale})
+    if num_samples < PSIS_MIN_SAMPLES:
+        raise ValueError(
+            f"calibrate_psis needs num_samples >= {PSIS_MIN_SAMPLES} (PSIS fits its Pareto tail "
+            f"to num_samples // 5 >= 5 draws), got num_samples={num_samples}; pass "
+            f"num_samples={PSIS_MIN_SAMPLES} or more (default 200)"
+        )
     draws = _Draws(guide, num_samples, args, kwargs)
     khat, ess = [], []
     for s in grid:

@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="with --heteroscedastic: pre-train on the beta-NLL loss (0.5 usual)")
     cmp.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                      metavar="METHOD", help=f"subset of: {' '.join(METHODS)}")
-    cmp.add_argument("--num-samples", type=int, default=100, help="draws per method")
+    cmp.add_argument("--num-samples", type=int, default=None,
+                     help="draws per method (default 100; 30 with --quick)")
     cmp.add_argument("--pretrain-steps", type=int, default=None)
     cmp.add_argument("--svi-steps", type=int, default=None)
     cmp.add_argument("--nuts-budget", type=float, default=None, metavar="SECONDS",
@@ -66,12 +67,9 @@ def _config(args):
     base = quick_config() if args.quick else CompareConfig()
     overrides = {"hidden": tuple(args.hidden), "heteroscedastic": args.heteroscedastic,
                  "pretrain_beta": args.pretrain_beta,
-                 "methods": tuple(args.methods),
-                 "num_samples": args.num_samples, "seed": args.seed}
-    if args.quick and args.num_samples == 100:
-        overrides.pop("num_samples")
+                 "methods": tuple(args.methods), "seed": args.seed}
     for key, attr in (("pretrain_steps", "pretrain_steps"), ("svi_steps", "svi_steps"),
-                      ("nuts_budget", "nuts_budget_s")):
+                      ("nuts_budget", "nuts_budget_s"), ("num_samples", "num_samples")):
         if getattr(args, key) is not None:
             overrides[attr] = getattr(args, key)
     values = {**base.__dict__, **overrides}
@@ -80,10 +78,13 @@ def _config(args):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyro-swag`` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"argument --threads: must be >= 1, got {args.threads}")
     import torch
 
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads)
     from .compare import compare
     from .compare_report import markdown
 

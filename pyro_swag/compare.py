@@ -177,6 +177,39 @@ class CompareConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
+        if isinstance(self.hidden, list):
+            self.hidden = tuple(self.hidden)
+        if (not isinstance(self.hidden, tuple) or not self.hidden
+                or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
+                           for h in self.hidden)):
+            raise ValueError(f"hidden must be a non-empty tuple of ints >= 1 (layer widths), "
+                             f"got hidden={self.hidden!r}; e.g. hidden=(50,)")
+        for name in ("pretrain_lr", "svi_lr", "swa_c"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got "
+                                 f"{name}={value!r}")
+        budget = self.nuts_budget_s
+        if not isinstance(budget, (int, float)) or not 0 <= budget < math.inf:
+            raise ValueError(f"nuts_budget_s must be a finite number of seconds >= 0 (0 skips "
+                             f"NUTS), got nuts_budget_s={self.nuts_budget_s!r}")
+        if not 0 <= self.pretrain_val_fraction < 1:
+            raise ValueError(f"pretrain_val_fraction must be in [0, 1), got "
+                             f"pretrain_val_fraction={self.pretrain_val_fraction!r}")
+        for name, low in (("nuts_warmup", 0), ("nuts_max_tree_depth", 1), ("swa_retries", 0),
+                          ("eval_every", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {name}={value!r}")
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got seed={self.seed!r}")
+        if self.swa_stability is not None and not 0 < self.swa_stability <= 1:
+            raise ValueError(f"swa_stability must be None or in (0, 1], got "
+                             f"swa_stability={self.swa_stability!r}")
+        if self.calibration not in ("elbo", "psis", "validation"):
+            raise ValueError(f"calibration must be 'elbo', 'psis' or 'validation', got "
+                             f"calibration={self.calibration!r}")
         if self.patience is not None and (not isinstance(self.patience, int)
                                           or self.patience < 1):
             raise ValueError(f"patience must be None or an int >= 1, got "
@@ -186,7 +219,8 @@ class CompareConfig:
                 raise ValueError(f"pretrain_beta={self.pretrain_beta!r} only changes a "
                                  f"heteroscedastic network's fit; set heteroscedastic=True or "
                                  f"pretrain_beta=None")
-            if not isinstance(self.pretrain_beta, (int, float)) or not 0 < self.pretrain_beta <= 1:
+            beta = self.pretrain_beta
+            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta <= 1:
                 raise ValueError(f"pretrain_beta must be None or a number in (0, 1], got "
                                  f"pretrain_beta={self.pretrain_beta!r} (0.5 is the usual value)")
         if self.pretrain_select not in ("map", "swag"):
@@ -222,6 +256,18 @@ class CompareConfig:
                 f"swa_scale_grid={self.swa_scale_grid!r} is chosen with swa_c on held-out data; "
                 f"set swa_c_grid too (e.g. swa_c_grid=({self.swa_c},))"
             )
+
+
+def _json_safe(value):
+    """``value`` with every NaN or infinite float replaced by ``None`` (strict JSON)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    value = float(value)  # floats, numpy and 0-d torch scalars
+    return value if math.isfinite(value) else None
 
 
 def quick_config(**overrides) -> CompareConfig:
@@ -342,7 +388,8 @@ def compare(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         report.write_outputs(tmp, model, data, results, summary, evals)
-        (tmp / "results.json").write_text(json.dumps(summary, indent=2, default=float))
+        text = json.dumps(_json_safe(summary), indent=2, allow_nan=False)
+        (tmp / "results.json").write_text(text)
         _move_into(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -77,14 +77,15 @@ def to_datatree(
     Parameters
     ----------
     source : SWAGGuide, MultiSWAG, Pyro autoguide or pyro.infer.MCMC
-        What to export. MultiSWAG gives one chain per run; other guides give
+        What to export. MultiSWAG with equal weights gives one chain per run; other guides
+        (MultiSWAG with unequal weights included: draws of the weighted mixture) give
         ``num_chains * num_draws`` independent draws split into chains.
     args, kwargs : tuple, dict
         The model's arguments *with the observed data*, e.g. ``args=(x,), kwargs={"y": y}``.
     model : callable, optional
         Defaults to ``source.model`` (guides) or ``source.kernel.model`` (MCMC).
     num_chains, num_draws : int, optional
-        Layout of the draws. Guides default to 1 x 100 (MultiSWAG: runs x 100); MCMC
+        Layout of the draws. Guides default to 1 x 100 (equal-weight MultiSWAG: runs x 100); MCMC
         defaults to its own chains and draws, and fewer draws are evenly thinned.
     coords, dims : dict, optional
         ArviZ coordinate values per dimension, and dimension names per variable
@@ -102,6 +103,12 @@ def to_datatree(
         ``observed_data``, ``constant_data``, ``sample_stats``. ``sample_stats`` holds
         ``log_p`` (all sources) and ``log_q`` (guides); MCMC adds ``diverging`` and
         ``step_size`` (and ``tree_depth``, ``n_steps`` with :class:`RecordingNUTS`).
+
+    Raises
+    ------
+    ValueError
+        If a plate of the model draws a random subsample (``subsample_size`` without
+        ``subsample=``): pass ``subsample=torch.arange(N)`` for the export.
     """
     col = collect(source, args, kwargs, model, num_chains, num_draws, chunk_size)
     c, d, info, values = col.num_chains, col.num_draws, col.info, col.values

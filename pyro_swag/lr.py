@@ -91,11 +91,24 @@ class GradientNoise:
     method: str = "per_example"
 
 
-def _loss_fn(model: Callable, collector, num_data: int) -> Callable:
+def _data_kwargs(num_data: int, num_data_arg: str | None) -> dict:
+    """The keyword arguments that pass the full data size to the model (as ``fit`` does)."""
+    if num_data_arg is not None and not isinstance(num_data_arg, str):
+        raise TypeError(
+            f"num_data_arg must be a str or None, got num_data_arg={num_data_arg!r}; pass the "
+            f"name of the model's data-size argument (default 'num_data')"
+        )
+    return {} if num_data_arg is None else {num_data_arg: num_data}
+
+
+def _loss_fn(
+    model: Callable, collector, num_data: int, num_data_arg: str | None = "num_data"
+) -> Callable:
     elbo = Trace_ELBO()
+    kwargs = _data_kwargs(num_data, num_data_arg)
 
     def loss(batch):
-        return elbo.differentiable_loss(model, collector, *batch, num_data=num_data)
+        return elbo.differentiable_loss(model, collector, *batch, **kwargs)
 
     return loss
 
@@ -121,16 +134,17 @@ def _collect_batches(batches: Iterable, max_batches: int) -> list[tuple]:
     return out
 
 
-def _per_example_grads(model, collector, batch, num_data: int) -> torch.Tensor | None:
+def _per_example_grads(
+    model, collector, batch, num_data: int, num_data_arg: str | None = "num_data"
+) -> torch.Tensor | None:
     """(B, D) gradients of each example's log-likelihood w.r.t. ``collector.loc``.
 
     ``None`` when an observed site's log-density is not indexed by the batch's first dim.
     """
     size = batch[0].shape[0]
-    guide_tr = poutine.trace(collector).get_trace(*batch, num_data=num_data)
-    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
-        *batch, num_data=num_data
-    )
+    kwargs = _data_kwargs(num_data, num_data_arg)
+    guide_tr = poutine.trace(collector).get_trace(*batch, **kwargs)
+    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*batch, **kwargs)
     terms = []
     for site in model_tr.nodes.values():
         if site["type"] != "sample" or not site["is_observed"]:
@@ -192,13 +206,15 @@ def gradient_noise(
     curvature_iters: int = 0,
     curvature_batches: int | None = 8,
     per_example: bool = True,
+    num_data_arg: str | None = "num_data",
 ) -> GradientNoise:
     """Estimate :math:`\\operatorname{Tr}\\Sigma_g` (and optionally :math:`\\lambda_{\\max}`).
 
     Parameters
     ----------
     model : callable
-        The Pyro model, called as ``model(*batch, num_data=num_data)``.
+        The Pyro model, called as ``model(*batch, num_data=num_data)`` (the keyword is
+        ``num_data_arg``).
     collector : SWAGCollector
         Set up (called once) and at the point of interest; its ``loc`` is not changed.
     batches : iterable of tuple of torch.Tensor
@@ -220,6 +236,9 @@ def gradient_noise(
         \\operatorname{Tr}\\hat C`, the covariance of a batch of ``B`` drawn without
         replacement. Falls back to the across-batch variance of the minibatch gradients
         (``method="batch"``) when an observed site is not indexed by the batch dimension.
+    num_data_arg : str or None
+        Keyword through which the model (and the collector) receive ``num_data``, as in
+        :func:`pyro_swag.train.fit`; ``None`` never passes it.
     """
     if not (isinstance(num_data, int) and num_data > 0):
         raise ValueError(f"num_data must be a positive int (the full data size), got {num_data!r}")
@@ -227,9 +246,10 @@ def gradient_noise(
         raise RuntimeError(
             "the collector is not set up: call collector(*batch, num_data=N) or svi.step once first"
         )
+    _data_kwargs(num_data, num_data_arg)
     data = _collect_batches(batches, max_batches)
     loc = collector.loc
-    loss_fn = _loss_fn(model, collector, num_data)
+    loss_fn = _loss_fn(model, collector, num_data, num_data_arg)
     grads = []
     for batch in data:
         (g,) = torch.autograd.grad(loss_fn(batch), loc)
@@ -238,7 +258,9 @@ def gradient_noise(
     size = int(data[0][0].shape[0])
     method = "per_example" if per_example else "batch"
     examples = (
-        [_per_example_grads(model, collector, b, num_data) for b in data] if per_example else []
+        [_per_example_grads(model, collector, b, num_data, num_data_arg) for b in data]
+        if per_example
+        else []
     )
     if examples and all(e is not None for e in examples):
         # Tr Cov of a batch gradient of Pyro's loss, B examples drawn without replacement
@@ -278,6 +300,7 @@ def suggest_swa_lr(
     max_batches: int = 32,
     stability_fraction: float | None = 0.5,
     curvature_iters: int = 10,
+    num_data_arg: str | None = "num_data",
 ) -> float:
     """The constant SWA rate :math:`\\epsilon^* = 2(1-\\mu) D / \\operatorname{Tr}\\Sigma_g`.
 
@@ -286,7 +309,7 @@ def suggest_swa_lr(
 
     Parameters
     ----------
-    model, collector, batches, num_data, max_batches
+    model, collector, batches, num_data, max_batches, num_data_arg
         As in :func:`gradient_noise`; the collector should sit at its pre-trained point.
     momentum : float
         SGD momentum :math:`\\mu \\in [0, 1)` the SWA phase will use.
@@ -312,7 +335,13 @@ def suggest_swa_lr(
         )
     iters = curvature_iters if stability_fraction is not None else 0
     stats = gradient_noise(
-        model, collector, batches, num_data=num_data, max_batches=max_batches, curvature_iters=iters
+        model,
+        collector,
+        batches,
+        num_data=num_data,
+        max_batches=max_batches,
+        curvature_iters=iters,
+        num_data_arg=num_data_arg,
     )
     if not stats.trace > 0:
         raise RuntimeError(

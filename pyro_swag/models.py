@@ -11,6 +11,7 @@ so minibatches scale the likelihood by :math:`N / B`::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pyro
@@ -29,6 +30,11 @@ MIN_SD = 1e-3  # floor of a heteroscedastic network's noise sd (in the units of 
 
 
 _ACTIVATIONS = ("tanh", "relu")
+
+
+def _positive(value) -> bool:
+    """A positive finite real number (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf
 
 
 def _inplace(t: torch.Tensor) -> bool:
@@ -89,10 +95,12 @@ class BetaNLL(Messenger):
     normalisation), while the fixed point of :math:`\sigma_i^2` stays
     :math:`(\mu_i - y_i)^2`. It changes the loss, not the model: use it while fitting, not
     when scoring. The normalisation keeps the likelihood's total weight against the prior.
+    The site must have a Gaussian (``Normal``) likelihood of finite variance; any other
+    distribution is refused with a ``ValueError``.
     """
 
     def __init__(self, beta: float = 0.5, site: str = "obs") -> None:
-        if not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
             raise ValueError(f"beta must be a number in [0, 1], got beta={beta!r} "
                              f"(0.5 is the usual choice)")
         super().__init__()
@@ -101,7 +109,16 @@ class BetaNLL(Messenger):
     def _process_message(self, msg) -> None:
         if msg["name"] != self.site or self.beta == 0:
             return
-        weight = msg["fn"].variance.detach() ** self.beta
+        fn = msg["fn"]
+        variance = fn.variance.detach() if isinstance(fn, torch.distributions.Normal) else None
+        if variance is None or not bool(torch.isfinite(variance).all()):
+            what = "non-finite variance" if variance is not None else type(fn).__name__
+            raise ValueError(
+                f"BetaNLL: site {self.site!r} has a {what} likelihood; beta-NLL applies to "
+                f"Gaussian likelihoods (Normal with finite variance) only: drop BetaNLL or "
+                f"point site= at a Gaussian site"
+            )
+        weight = variance**self.beta
         msg["scale"] = msg["scale"] * weight / weight.mean()
 
 
@@ -173,10 +190,26 @@ class BayesianMLP(PyroModule):
             raise ValueError(f"activation={activation!r} is not one of {_ACTIVATIONS}")
         if likelihood == "bernoulli" and out_features != 1:
             raise ValueError(f"bernoulli needs out_features=1, got out_features={out_features}")
-        if not prior_scale > 0:
-            raise ValueError(f"prior_scale must be > 0, got prior_scale={prior_scale!r}")
+        if not _positive(prior_scale):
+            raise ValueError(f"prior_scale must be > 0 and finite, got prior_scale={prior_scale!r}")
         if isinstance(noise, str) and noise != HETEROSCEDASTIC:
             raise ValueError(f"noise={noise!r} is not a number, None or {HETEROSCEDASTIC!r}")
+        if noise is not None and not isinstance(noise, str):
+            if likelihood != "gaussian":
+                raise ValueError(
+                    f"a fixed noise applies to likelihood='gaussian' only, got noise={noise!r} "
+                    f"with likelihood={likelihood!r}; drop noise"
+                )
+            if not _positive(noise):
+                raise ValueError(
+                    f"noise must be a positive finite sd, None (learn it) or "
+                    f"{HETEROSCEDASTIC!r}, got noise={noise!r}"
+                )
+        if len(tuple(noise_prior)) != 2 or not all(_positive(v) for v in noise_prior):
+            raise ValueError(
+                f"noise_prior must be (concentration, rate), both > 0 and finite, got "
+                f"noise_prior={noise_prior!r}"
+            )
         if noise == HETEROSCEDASTIC and (likelihood != "gaussian" or out_features != 1):
             raise ValueError(
                 f"noise='heteroscedastic' needs likelihood='gaussian' and out_features=1, got "

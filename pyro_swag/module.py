@@ -220,6 +220,13 @@ class ModuleSWAG(nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         return {"layout": [(n, list(s)) for n, s in self.layout]}
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Restore the moments exactly; raises before anything changes on a mismatch."""
+        if "_extra_state" in state_dict:
+            self.set_extra_state(state_dict["_extra_state"])  # the layout check
+        self.moments.check_state(state_dict, "moments.", dtype=self._params()[0].dtype)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def set_extra_state(self, state: dict[str, Any]) -> None:
         found = [(n, tuple(s)) for n, s in state["layout"]]
         if found != self.layout:
@@ -286,8 +293,10 @@ class ModuleSWAG(nn.Module):
         if learned:
             a, b = _noise_posterior(net, data, noise_prior, self._device())
             loc = torch.cat([loc, (torch.digamma(a) - b.log()).to(loc).reshape(1)])
-            # SWAG's covariance is (scale/2) * variance on the diagonal: store 2x so scale=1 matches
-            var = torch.cat([var, 2 * torch.polygamma(1, a).to(var).reshape(1)])
+            # SWAG's diagonal is (scale/2) * variance (SWAG-Diag: scale * variance): store 2x
+            # (1x) so that scale=1 gives the conditional posterior's variance
+            factor = 1 if diagonal else 2
+            var = torch.cat([var, factor * torch.polygamma(1, a).to(var).reshape(1)])
             dev = torch.cat([dev, dev.new_zeros(dev.shape[0], 1)], dim=1)
             layout.append(("precision", ()))
         model = _NetModel(net, self.layout, buffers, prior_scale, likelihood, noise, noise_prior)

@@ -136,6 +136,8 @@ class SWAGMoments(nn.Module):
         n = self.count
         if n == 1:
             self.mean.copy_(theta)
+            self.m2.zero_()
+            self._head = 0
             return
         row = self.deviations[self._head]
         dev = row if row.dtype == theta.dtype else torch.empty_like(theta)
@@ -176,7 +178,14 @@ class SWAGMoments(nn.Module):
         self._head = int(state["head"])
         self.min_var = float(state["min_var"])
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
+    def check_state(
+        self, state_dict: dict[str, Any], prefix: str = "", dtype: torch.dtype | None = None
+    ) -> None:
+        """Raise, before anything is loaded, when ``state_dict`` cannot restore these moments.
+
+        ``dtype`` is the dtype the snapshots will have (the model's); by default that of the
+        moments already held, if any.
+        """
         extra = state_dict.get(prefix + "_extra_state")
         if extra is not None and int(extra["rank"]) != self.rank:
             raise ValueError(
@@ -184,14 +193,28 @@ class SWAGMoments(nn.Module):
                 f"rank={self.rank}; construct it with rank={extra['rank']}"
             )
         mean = state_dict.get(prefix + "mean")
-        if mean is not None:
-            if self.mean is not None and mean.shape != self.mean.shape:
-                raise ValueError(
-                    f"cannot load moments of {mean.numel()} parameters into moments of "
-                    f"{self.mean.numel()}; the checkpoint belongs to another model"
-                )
-            if self.mean is None:
-                dev = state_dict[prefix + "deviations"]
-                self.deviation_dtype = self.deviation_dtype or dev.dtype
-                self._allocate(mean.numel(), mean.dtype, self.device or mean.device)
+        if mean is None:
+            return
+        if self.mean is not None and mean.shape != self.mean.shape:
+            raise ValueError(
+                f"cannot load moments of {mean.numel()} parameters into moments of "
+                f"{self.mean.numel()}; the checkpoint belongs to another model"
+            )
+        want = dtype if dtype is not None else getattr(self.mean, "dtype", None)
+        if want is not None and mean.dtype != want:
+            raise TypeError(
+                f"the checkpoint's moments have dtype={mean.dtype} but the snapshots have "
+                f"dtype={want}; load it into a model of dtype {mean.dtype}, or convert the "
+                f"model first"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
+        self.check_state(state_dict, prefix)
+        mean = state_dict.get(prefix + "mean")
+        if mean is None:  # saved before the first snapshot: start afresh
+            self.mean = self.m2 = self.deviations = None
+        elif self.mean is None:
+            dev = state_dict[prefix + "deviations"]
+            self.deviation_dtype = self.deviation_dtype or dev.dtype
+            self._allocate(mean.numel(), mean.dtype, self.device or mean.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -11,8 +11,10 @@ Several SWAG runs of the same model (different seeds or initialisations) give Ga
 with equal weights :math:`\pi_r = 1/R` by default. :class:`MultiSWAG` is an
 :class:`~pyro.infer.autoguide.AutoContinuous`, so it works in ``pyro.infer.Predictive``;
 :meth:`MultiSWAG.sample_chains` draws each run separately, which
-:func:`pyro_swag.datatree.to_datatree` exports as one chain per run (R-hat across chains
-then says whether the runs found the same mode).
+:func:`pyro_swag.datatree.to_datatree` exports, with equal weights, as one chain per run
+(R-hat across chains then says whether the runs found the same mode). With unequal weights
+the export draws from the weighted mixture (:meth:`MultiSWAG.sample_mixture`) instead, so
+that its draws follow ``q``, the density recorded as ``log_q``.
 """
 
 from __future__ import annotations
@@ -137,10 +139,36 @@ class MultiSWAG(FittedContinuous):
 
     @torch.no_grad()
     def sample_chains(self, num_draws: int) -> torch.Tensor:
-        """Draw ``num_draws`` latents from every run: shape ``(R, num_draws, P)``."""
+        """Draw ``num_draws`` latents from every run: shape ``(R, num_draws, P)``.
+
+        Pooled, a (stratified) sample of the *equal*-weight mixture; for unequal ``weights``
+        draw from the mixture with :meth:`sample_mixture`.
+        """
         if not (isinstance(num_draws, int) and num_draws > 0):
             raise ValueError(f"num_draws must be a positive int, got num_draws={num_draws!r}")
         return self.components().sample((num_draws,)).transpose(0, 1)
+
+    @torch.no_grad()
+    def sample_mixture(self, num_draws: int) -> torch.Tensor:
+        """Draw ``num_draws`` latents from the weighted mixture: shape ``(num_draws, P)``.
+
+        Each draw picks run ``r`` with probability ``weights[r]`` and samples that run's
+        Gaussian: ``get_posterior().sample((num_draws,))`` in law, without drawing from
+        every component (memory ``num_draws x P``, not ``num_draws x R x P``).
+        """
+        if not (isinstance(num_draws, int) and num_draws > 0):
+            raise ValueError(f"num_draws must be a positive int, got num_draws={num_draws!r}")
+        runs = dist.Categorical(probs=self.weights).sample((num_draws,))
+        out = self.loc.new_empty(num_draws, self.loc.shape[-1])
+        for r in range(self.num_runs):
+            pick = runs == r
+            count = int(pick.sum())
+            if count:
+                run = dist.LowRankMultivariateNormal(
+                    self.loc[r], self.cov_factor[r], self.cov_diag[r]
+                )
+                out[pick] = run.sample((count,))
+        return out
 
     # ------------------------------------------------------------- persistence
     def get_extra_state(self) -> dict[str, Any]:

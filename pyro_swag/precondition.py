@@ -81,6 +81,7 @@ def estimate_preconditioner(
     num_data: int,
     kind: str = "full",
     damping: float = 1e-3,
+    num_data_arg: str | None = "num_data",
 ) -> Preconditioner:
     """Estimate :math:`P = (F + H_0/N + \\delta I)^{-1}` at the collector's point.
 
@@ -99,13 +100,16 @@ def estimate_preconditioner(
         Dense Cholesky factor (D ≤ 4096) or the diagonal.
     damping : float
         :math:`\\delta` relative to the mean diagonal of :math:`F + H_0/N`.
+    num_data_arg : str or None
+        Keyword through which the model receives ``num_data`` (as in
+        :func:`pyro_swag.train.fit`); ``None`` never passes it.
 
     Returns
     -------
     Preconditioner
     """
     _validate(collector, num_data, kind, damping)
-    g, prior = _curvature_parts(model, collector, batches, num_data, kind)
+    g, prior = _curvature_parts(model, collector, batches, num_data, kind, num_data_arg)
     return _factor(kind, g, prior, damping)
 
 
@@ -121,12 +125,14 @@ def choose_preconditioner(
     damping: float | str = "auto",
     lr: float | None = None,
     limit: float = 0.5,
+    num_data_arg: str | None = "num_data",
 ) -> Preconditioner:
     """The preconditioner ``fit`` uses: a given ``damping``, or the smallest of
     :data:`DAMPING_LADDER` whose effective preconditioned step stays below ``limit``,
     :math:`\\frac{\\epsilon}{1-\\mu}|\\lambda|_{\\max}(P A_1) \\le` ``limit``, with
     :math:`\\epsilon` = ``lr`` (default: the matched rate). Records
-    :math:`|\\lambda|_{\\max}(P A_1)` as ``max_curvature``.
+    :math:`|\\lambda|_{\\max}(P A_1)` as ``max_curvature``. ``num_data_arg`` as in
+    :func:`estimate_preconditioner`.
     """
     auto = damping == "auto"
     ladder = DAMPING_LADDER if auto else (damping,)
@@ -136,10 +142,10 @@ def choose_preconditioner(
     for d in ladder:
         if g is None:
             _validate(collector, num_data, kind, d)
-            g, prior = _curvature_parts(model, collector, batches, num_data, kind)
+            g, prior = _curvature_parts(model, collector, batches, num_data, kind, num_data_arg)
         pre = _factor(kind, g, prior, d)
         pre.max_curvature = preconditioned_curvature(
-            model, collector, batches, pre, num_data=num_data
+            model, collector, batches, pre, num_data=num_data, num_data_arg=num_data_arg
         )
         if not auto or lr * pre.max_curvature / (1.0 - momentum) <= limit:
             return pre
@@ -208,13 +214,15 @@ def preconditioned_curvature(
     num_data: int,
     iters: int = 20,
     max_batches: int = 8,
+    num_data_arg: str | None = "num_data",
 ) -> float:
     """:math:`|\\lambda|_{\\max}(P A_1)`, :math:`A_1` the per-datum loss Hessian (power iteration
     on Hessian-vector products averaged over ``max_batches`` batches). Unlike :math:`F`, the
     Hessian sees the cross-curvature of directions the Fisher calls flat (e.g. a hidden unit's
     input and output weights when the output weight is near 0), which ``P`` amplifies.
+    ``num_data_arg`` as in :func:`estimate_preconditioner`.
     """
-    loss_fn = _loss_fn(model, collector, num_data)
+    loss_fn = _loss_fn(model, collector, num_data, num_data_arg)
     loc = collector.loc
     used = [tuple(b) for b in batches[:max_batches]]
     gen = torch.Generator(device=loc.device).manual_seed(0)
@@ -319,13 +327,17 @@ def auto_swa_lr(
     num_data: int,
     momentum: float,
     pre: Preconditioner | None = None,
+    num_data_arg: str | None = "num_data",
 ) -> float:
     """``fit(swa_lr="auto")``'s rate: :func:`preconditioned_lr` with ``pre``, else
-    :func:`pyro_swag.lr.suggest_swa_lr` (per datum)."""
+    :func:`pyro_swag.lr.suggest_swa_lr` (per datum); the model receives ``num_data`` as
+    ``num_data_arg``."""
     if pre is not None:
         lam = pre.max_curvature
         if not math.isfinite(lam):
-            lam = preconditioned_curvature(model, collector, batches, pre, num_data=num_data)
+            lam = preconditioned_curvature(
+                model, collector, batches, pre, num_data=num_data, num_data_arg=num_data_arg
+            )
         lr = preconditioned_lr(
             pre,
             num_data=num_data,
@@ -335,7 +347,13 @@ def auto_swa_lr(
         )
     else:
         lr = suggest_swa_lr(
-            model, collector, batches, num_data=num_data, momentum=momentum, per_datum=True
+            model,
+            collector,
+            batches,
+            num_data=num_data,
+            momentum=momentum,
+            per_datum=True,
+            num_data_arg=num_data_arg,
         )
     lr = float(lr)
     if not 0 < lr < math.inf:

@@ -47,6 +47,7 @@ from pyro.infer.autoguide import AutoContinuous
 from torch.distributions import LowRankMultivariateNormal, biject_to
 from torch.distributions.utils import _standard_normal
 
+from ._samples import _missing_sites, _select_sites, _shape_draws, _shaped_samples
 from ._vectorize import (
     _check_positive_int,
     _chunks,
@@ -170,20 +171,6 @@ def unpack_latents(guide: Any, latents: torch.Tensor) -> dict[str, torch.Tensor]
     return _unpack(guide, latents)[0]
 
 
-def _select_sites(trace, return_sites, given: dict, all_by_default: bool) -> list[str]:
-    known = trace.stochastic_nodes + trace.observation_nodes
-    if return_sites is None:
-        return known if all_by_default else [s for s in known if s not in given]
-    if isinstance(return_sites, str) or not isinstance(return_sites, (list, tuple, set)):
-        raise TypeError(f"return_sites must be a list of site names, got {return_sites!r}")
-    unknown = sorted(set(return_sites) - set(known) - {"_RETURN"})
-    if unknown:
-        raise ValueError(f"return_sites has {unknown}, not sample sites of the model {known}")
-    return [s for s in known if s in return_sites] + (
-        ["_RETURN"] if "_RETURN" in return_sites else []
-    )
-
-
 def _guide_draws(guide, num_samples, args, kwargs) -> dict[str, torch.Tensor]:
     """Constrained latent draws ``{site: (S, ...)}`` from any guide."""
     if isinstance(guide, AutoContinuous):
@@ -203,7 +190,7 @@ def predictive(
     *args,
     num_samples: int = 100,
     posterior_samples: dict[str, torch.Tensor] | None = None,
-    return_sites: Sequence[str] | None = None,
+    return_sites: Sequence[str] | None = (),
     chunk_size: int | None = None,
     parallel: bool = True,
     **kwargs,
@@ -224,10 +211,10 @@ def predictive(
         Number of draws ``S`` when a guide is given.
     posterior_samples : dict, optional
         Constrained latent draws ``{site: (S, *site_shape)}``, e.g. ``MCMC.get_samples()``.
-    return_sites : list of str, optional
-        Sites to return (``"_RETURN"`` for the model's return value). Default as Pyro's
-        ``Predictive``: every sample site with a guide, else the sites not in
-        ``posterior_samples``.
+    return_sites : list of str or None
+        Sites to return (``"_RETURN"`` for the model's return value), chosen as by Pyro's
+        ``Predictive``: ``None`` returns every sample site; empty (the default) returns every
+        sample site with a guide, else the sites not in ``posterior_samples``.
     chunk_size : int, optional
         Draws evaluated together; bounds peak memory (default: all at once).
     parallel : bool
@@ -257,15 +244,7 @@ def predictive(
             f"return_sites has '_RETURN' but the model returns a {type(ret).__name__}, not a "
             "tensor; return a tensor or record values with pyro.deterministic"
         )
-    values = {k: v for k, v in values.items() if k in proto.nodes}
-    for k, v in values.items():
-        shape = tuple(proto.nodes[k]["value"].shape)
-        if v.numel() != num * _numel(shape):
-            raise ValueError(
-                f"posterior sample {k!r} has shape {tuple(v.shape)}, expected (S, *{shape}) "
-                f"with S={num}: the site's shape in the model"
-            )
-        values[k] = v.reshape((num,) + shape)
+    values = _shape_draws(values, proto, "posterior sample")
     if parallel:
         try:
             return _predict_vectorized(model, values, sites, args, kwargs, chunk_size)
@@ -321,7 +300,9 @@ def log_likelihood(
     model : callable
         The Pyro model; observed data go in ``args``/``kwargs`` (e.g. ``x, y``).
     samples : dict
-        Constrained latent draws ``{site: (S, *site_shape)}``.
+        Constrained draws of every latent site, ``{site: (S, *site_shape)}``; any layout with
+        the site's size per draw is accepted, as in :func:`predictive` (e.g. Pyro
+        ``Predictive``'s ``(S, 1, *site_shape)``).
     chunk_size : int, optional
         Draws evaluated together.
 
@@ -330,10 +311,18 @@ def log_likelihood(
     dict
         ``{observed_site: tensor (S, *batch_shape)}``, e.g. (S, N) for a data plate;
         unscaled by subsampling, masked entries 0.
+
+    Raises
+    ------
+    ValueError
+        If a latent site of the model has no draws in ``samples``.
     """
+    samples = _shaped_samples(model, samples, args, kwargs, "log_likelihood")
     names: list[str] = []
 
     def body(trace, deferred, ret):
+        if deferred:  # a site the prior trace did not have (control flow)
+            raise _missing_sites("log_likelihood", [m["name"] for m in deferred])
         names.clear()
         out = []
         for name, site in trace.nodes.items():

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from . import _checkpoint
 from ._curvature import _check_kind
+from ._fitargs import check_fit_args, check_step_snapshots, warn_few_snapshots
 from ._minibatch import _accepts, _as_args, _batches, _check_scaling, _TensorBatches
 from .autoguide import SWAGCollector, SWAGGuide
 from .precondition import (
@@ -101,11 +102,6 @@ def _lr(optim) -> float:
     return float(opt.param_groups[0]["lr"])
 
 
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
-
-
 def fit(
     model: Callable,
     collector: SWAGCollector,
@@ -162,19 +158,23 @@ def fit(
         Pre-training optimiser (default ``Adam(lr=0.01)``); a ``PyroLRScheduler`` is stepped
         once per pre-training epoch.
     swa_momentum : float
-        Momentum of the SWA phase's SGD.
+        Momentum of the SWA phase's SGD, in ``[0, 1)``.
     anneal_epochs, anneal_strategy, anneal_from : int, {"cos", "linear"}, float
-        ``SWALR`` annealing from ``anneal_from`` to ``swa_lr`` over ``anneal_epochs`` epochs
-        (0: constant ``swa_lr``).
+        ``SWALR`` annealing from ``anneal_from`` (positive, default ``swa_lr``) to ``swa_lr``
+        over ``anneal_epochs`` epochs (0: constant ``swa_lr``).
     collect_every, collect_every_steps : int
-        Snapshot cadence of the SWA phase, in epochs or (when given) in SGD steps.
+        Snapshot cadence of the SWA phase, in epochs or (when given) in SGD steps. A cadence
+        giving fewer than 2 snapshots is refused up front (for a loader, whose step count is
+        not known in advance, ``fit`` warns at the end of the run instead).
     clip_norm : float, optional
-        Gradient norm clipping for both phases (the default optimiser's and the SWA
+        Positive gradient norm clipping for both phases (the default optimiser's and the SWA
         phase's; a user ``optim`` keeps its own ``clip_args`` unless it has none).
     num_data_arg : str or None
-        Keyword through which the model receives ``N``; ``None`` never passes it.
+        Keyword through which the model receives ``N`` (in training and in the ``"auto"``
+        rate and ``precondition`` estimates); ``None`` never passes it.
     check_scaling : bool
-        Check on the first minibatch that observed sites are scaled by ``N / B``.
+        Check on the first minibatch that observed sites are scaled by ``N / B`` (a
+        per-point scale, e.g. :class:`~pyro_swag.models.BetaNLL`'s, by its mean).
     seed : int, optional
         ``pyro.set_rng_seed(seed)`` first.
     quiet : bool, optional
@@ -208,37 +208,19 @@ def fit(
     if not isinstance(collector, SWAGCollector):
         raise TypeError(f"collector must be a SWAGCollector, got {type(collector).__name__}")
     _check_model(collector, model)
-    _check_int("epochs", epochs, 1)
-    _check_int("swa_start", swa_start, 0)
-    if swa_start >= epochs:
-        raise ValueError(
-            f"swa_start={swa_start} must be < epochs={epochs}: SWAG collects during epochs "
-            f"[swa_start, epochs); lower swa_start or raise epochs"
-        )
-    _check_int("collect_every", collect_every, 1)
-    _check_int("anneal_epochs", anneal_epochs, 0)
-    _check_int("checkpoint_every", checkpoint_every, 1)
-    if collect_every_steps is not None:
-        _check_int("collect_every_steps", collect_every_steps, 1)
-    elif (epochs - swa_start) // collect_every < 2:
-        raise ValueError(
-            f"epochs={epochs}, swa_start={swa_start}, collect_every={collect_every} give "
-            f"{(epochs - swa_start) // collect_every} snapshot(s); SWAG needs at least 2"
-        )
-    if not (swa_lr == "auto" or isinstance(swa_lr, (int, float)) and 0 < swa_lr < math.inf):
-        raise ValueError(f"swa_lr must be a positive float or 'auto', got swa_lr={swa_lr!r}")
+    check_fit_args(
+        epochs=epochs, swa_start=swa_start, swa_lr=swa_lr, swa_momentum=swa_momentum,
+        anneal_epochs=anneal_epochs, anneal_strategy=anneal_strategy, anneal_from=anneal_from,
+        collect_every=collect_every, collect_every_steps=collect_every_steps,
+        clip_norm=clip_norm, checkpoint_every=checkpoint_every,
+        precondition_damping=precondition_damping,
+    )
     pre = precondition if isinstance(precondition, Preconditioner) else None
     kind = pre.kind if pre else (precondition and _check_kind(precondition))
-    if precondition_damping != "auto" and not (
-        isinstance(precondition_damping, (int, float)) and 0 < precondition_damping < math.inf
-    ):
-        raise ValueError(
-            f"precondition_damping must be a positive float (relative to the curvature's mean "
-            f"diagonal) or 'auto', got precondition_damping={precondition_damping!r}; try 'auto'"
-        )
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=PATH, the file to resume from")
     batches, n = _batches(data, batch_size, num_data)
+    check_step_snapshots(batches, epochs, swa_start, collect_every_steps)
     if seed is not None:
         pyro.set_rng_seed(seed)
     clip = {} if clip_norm is None else {"clip_norm": float(clip_norm)}
@@ -247,6 +229,7 @@ def fit(
     elif clip and not optim.pt_clip_args:
         optim.pt_clip_args = dict(clip)
     kwargs = {num_data_arg: n} if _accepts(model, num_data_arg) else {}
+    n_arg = num_data_arg if kwargs else None  # the curvature and rate estimates call it alike
 
     first = next(iter(batches), None)
     if first is None:
@@ -317,10 +300,12 @@ def fit(
                         momentum=swa_momentum,
                         damping=precondition_damping,
                         lr=history["swa_lr"],
+                        num_data_arg=n_arg,
                     )
                 if history["swa_lr"] is None:
+                    epoch_batches = [_as_args(b) for b in batches]
                     history["swa_lr"] = auto_swa_lr(
-                        model, collector, [_as_args(b) for b in batches], n, swa_momentum, pre
+                        model, collector, epoch_batches, n, swa_momentum, pre, num_data_arg=n_arg
                     )
                 swa_optim = swa_optimizer(
                     history["swa_lr"],
@@ -378,6 +363,9 @@ def fit(
                 )
             if callback is not None and callback(epoch, history) is True:
                 break
+        else:
+            if not isinstance(batches, _TensorBatches):  # a loader: the step count was unknown
+                warn_few_snapshots(collector.num_snapshots, collect_every_steps)
     finally:
         bar.close()
     guide = collector.swag_guide() if collector.num_snapshots >= 2 else None

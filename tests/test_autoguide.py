@@ -298,3 +298,46 @@ def test_changed_latent_structure_and_foreign_checkpoints():
         Predictive(other, guide=guide, num_samples=2)(x)
     with pytest.raises(ValueError, match="lacks"):
         SWAGGuide.from_state_dict(mixed_model, {"loc": torch.zeros(5)})
+
+
+def test_failed_checkpoint_load_changes_nothing():
+    torch.manual_seed(0)
+    x, y = _data()
+    state = _collector_with([torch.randn(5) for _ in range(4)]).state_dict()
+    e = _collector_with([torch.randn(5) for _ in range(3)], rank=3)
+    before = {k: v.clone() for k, v in e.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(ValueError, match="construct it with rank=5"):
+        e.load_state_dict(state)
+    wide = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+            for k, v in state.items()}
+    f = _collector_with([torch.randn(5) for _ in range(3)])
+    with pytest.raises(TypeError, match="dtype=torch.float64 but the snapshots have dtype=torch"):
+        f.load_state_dict(wide)
+    for k, v in before.items():
+        assert torch.equal(e.state_dict()[k], v), k
+    assert e.num_snapshots == 3 and f.num_snapshots == 3
+
+
+def test_loading_an_empty_checkpoint_starts_the_moments_afresh():
+    torch.manual_seed(0)
+    snaps = [torch.randn(5) for _ in range(3)]
+    x, y = _data()
+    empty = SWAGCollector(mixed_model, rank=5)
+    empty(x, y)
+    used = _collector_with([torch.randn(5) for _ in range(6)])
+    used.load_state_dict(empty.state_dict())
+    assert used.num_snapshots == 0
+    fresh = _collector_with(snaps)
+    for s in snaps:
+        used.collect(s)
+    assert torch.equal(used.moments.variance(), fresh.moments.variance())
+    assert torch.equal(used.moments.deviation_matrix(), fresh.moments.deviation_matrix())
+
+
+def test_guide_constructor_refuses_malformed_moments():
+    with pytest.raises(ValueError, match=r"deviations \(5,\) must be .*torch.zeros\(0, P\)"):
+        SWAGGuide(mixed_model, torch.zeros(5), torch.ones(5), torch.zeros(5))
+    with pytest.raises(ValueError, match="variance must be finite and >= 0"):
+        SWAGGuide(mixed_model, torch.zeros(5), -torch.ones(5), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="variance must be finite and >= 0"):
+        SWAGGuide(mixed_model, torch.zeros(5), torch.full((5,), float("nan")), torch.zeros(2, 5))

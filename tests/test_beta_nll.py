@@ -1,5 +1,7 @@
 """beta-NLL pre-training: the weighted loss against a hand-written oracle, errors, effect."""
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -72,7 +74,7 @@ def test_other_sites_are_not_weighted():
     torch.testing.assert_close(trace.nodes["obs"]["scale"], sd / sd.mean())
 
 
-@pytest.mark.parametrize("beta", [-0.1, 1.5, "0.5", None])
+@pytest.mark.parametrize("beta", [-0.1, 1.5, "0.5", None, True, float("nan")])
 def test_bad_beta_names_the_argument(beta):
     with pytest.raises(ValueError, match=f"beta must be a number in \\[0, 1\\], got beta={beta!r}"):
         BetaNLL(beta)
@@ -82,6 +84,7 @@ def test_bad_beta_names_the_argument(beta):
     (dict(pretrain_beta=0.5), "only changes a heteroscedastic network's fit"),
     (dict(pretrain_beta=0.0, heteroscedastic=True), "pretrain_beta must be None or a number"),
     (dict(pretrain_beta=2, heteroscedastic=True), "got pretrain_beta=2"),
+    (dict(pretrain_beta=True, heteroscedastic=True), "got pretrain_beta=True"),
 ])
 def test_bad_pretrain_beta_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -121,3 +124,48 @@ def test_cli_refuses_beta_without_a_heteroscedastic_network(tmp_path, capsys):
                  "--quiet"])
     assert code == 2 and "set heteroscedastic=True" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("likelihood, out, y", [
+    ("categorical", 3, torch.tensor([0, 1, 2, 0])),
+    ("bernoulli", 1, torch.tensor([0.0, 1.0, 1.0, 0.0])),
+])
+def test_non_gaussian_likelihoods_are_refused(likelihood, out, y):
+    from pyro_swag.models import BayesianMLP
+
+    m = BetaNLL(0.5)(BayesianMLP(2, out, hidden=(4,), likelihood=likelihood))
+    name = "Categorical" if likelihood == "categorical" else "Bernoulli"
+    with pytest.raises(ValueError, match=f"BetaNLL: site 'obs' has a {name} likelihood; beta-NLL "
+                                         f"applies to Gaussian likelihoods"):
+        poutine.trace(m).get_trace(torch.randn(4, 2), y)
+    with pytest.raises(ValueError, match="non-finite variance likelihood"):
+        poutine.trace(BetaNLL(0.5)(_site)).get_trace(torch.zeros(3), torch.tensor(math.inf),
+                                                     torch.zeros(3))
+
+
+def _unscaled(x, y=None):
+    """Forgets the full data size: BetaNLL's per-point scale then has mean 1, not N / B."""
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("obs", dist.Normal(x.sum(-1), x.abs().sum(-1) + 0.1), obs=y)
+
+
+def test_fit_checks_the_mean_of_beta_nll_per_point_scale():
+    from pyro_swag import SWAGCollector
+    from pyro_swag.models import BayesianMLP
+    from pyro_swag.train import fit
+
+    torch.manual_seed(0)
+    x, y = torch.randn(100, 2), torch.randn(100)
+    m = BetaNLL(0.5)(BayesianMLP(2, 1, hidden=(8,), noise="heteroscedastic"))
+    guide, history = fit(m, SWAGCollector(m, rank=3), (x, y), epochs=4, swa_start=2,
+                         swa_lr=1e-3, batch_size=20, quiet=True)  # check_scaling=True
+    assert guide is not None and all(math.isfinite(v) for v in history["loss"])
+    trace = poutine.trace(m).get_trace(x[:20], y[:20], num_data=100)  # per point, mean N / B
+    assert trace.nodes["obs"]["scale"].shape == (20,)
+    assert float(trace.nodes["obs"]["scale"].mean()) == pytest.approx(5.0)
+    pyro.clear_param_store()
+    bad = BetaNLL(0.5)(_unscaled)
+    with pytest.raises(ValueError, match="'obs' has likelihood scale 1 \\(mean over the batch\\) "
+                                         "instead of 5: the model does not declare"):
+        fit(bad, SWAGCollector(bad), (x, y), epochs=4, swa_start=2, swa_lr=1e-3, batch_size=20,
+            quiet=True)

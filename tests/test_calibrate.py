@@ -227,7 +227,7 @@ def test_errors():
         calibrate_elbo(model, guide, x, y, scales=[1.0, -2.0])
     with pytest.raises(ValueError, match="scales must be a non-empty list"):
         calibrate_psis(model, guide, x, y, scales=[])
-    with pytest.raises(ValueError, match="no observed sites"):
+    with pytest.raises(ValueError, match=r"sites \[.obs.\] are neither in samples nor observed"):
         calibrate_validation(model, guide, x, num_samples=10)
 
 
@@ -241,3 +241,17 @@ def test_example_smoke():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "chosen scale" in out.stdout
+
+
+def test_psis_needs_enough_draws_for_the_pareto_tail():
+    x, y = data()
+    mean, cov = posterior(x, y)
+    guide = gaussian_guide(x, y, mean, cov)
+    with pytest.raises(ValueError, match=r"calibrate_psis needs num_samples >= 25 .*got "
+                                         r"num_samples=24; pass num_samples=25 or more"):
+        calibrate_psis(model, guide, x, y, num_samples=24, scales=[0.5, 2.0])
+    with pytest.raises(ValueError, match="got num_samples=10"):
+        calibrate(model, guide, x, y, method="psis", num_samples=10)
+    assert guide.scale == 1.0 and guide.calibration is None
+    res = calibrate_psis(model, guide, x, y, num_samples=25, scales=[0.5, 2.0], apply=False)
+    assert res.num_samples == 25 and len(res.curve["khat"]) == 3

@@ -116,6 +116,26 @@ def test_bad_config_names_the_argument():
             tiny(pretrain_lr_decay=bad)
     with pytest.raises(ValueError, match="patience=0"):
         tiny(patience=0)
+    for name, bad, match in (
+        ("hidden", (0,), r"hidden=\(0,\)"), ("hidden", (-3,), r"hidden=\(-3,\)"),
+        ("hidden", (), r"hidden=\(\)"), ("nuts_budget_s", -5.0, "nuts_budget_s=-5.0"),
+        ("nuts_budget_s", math.nan, "nuts_budget_s=nan"), ("seed", -1, "seed=-1"),
+        ("svi_lr", 0.0, "svi_lr=0.0"), ("swa_c", math.inf, "swa_c=inf"),
+        ("calibration", "bogus", "calibration='bogus'"),
+        ("pretrain_val_fraction", 1.0, "pretrain_val_fraction=1.0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            tiny(**{name: bad})
+
+
+def test_results_json_is_strict_json():
+    from pyro_swag.compare import _json_safe
+
+    value = {"a": [1.5, math.nan, {"b": math.inf}], "c": torch.tensor(-math.inf), "d": "x",
+             "e": True, "f": None, "g": 3}
+    text = json.dumps(_json_safe(value), allow_nan=False)
+    assert json.loads(text) == {"a": [1.5, None, {"b": None}], "c": None, "d": "x", "e": True,
+                                "f": None, "g": 3}
 
 
 def test_cli_errors_exit_2(tmp_path, capsys):
@@ -124,7 +144,22 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     code = main(["compare", "--uci", "yacht", "--data-dir", str(tmp_path), "--quiet",
                  "--out", str(tmp_path / "o")])
     assert code == 2 and "no yacht/data/data.txt" in capsys.readouterr().err
+    for args, match in ((["--hidden", "-3"], "hidden=(-3,)"), (["--seed", "-1"], "seed=-1"),
+                        (["--nuts-budget", "nan"], "nuts_budget_s=nan")):
+        code = main(["compare", "--quick", "--quiet", "--out", str(tmp_path / "o"), *args])
+        assert code == 2 and match in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", "--threads", "0", "--out", str(tmp_path / "o")])
+    assert "--threads: must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_quick_keeps_an_explicit_num_samples():
+    from pyro_swag.cli import _config, _parser
+
+    for argv, expected in ((["--quick"], 30), (["--quick", "--num-samples", "100"], 100),
+                           ([], 100), (["--num-samples", "7"], 7)):
+        assert _config(_parser().parse_args(["compare", *argv])).num_samples == expected
 
 
 # ----------------------------------------------------------------- metric oracles

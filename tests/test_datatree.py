@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import xarray as xr  # noqa: E402
 from pyro.infer import MCMC, SVI, Trace_ELBO  # noqa: E402
-from pyro.infer.autoguide import AutoNormal  # noqa: E402
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal  # noqa: E402
 from pyro.infer.mcmc.util import initialize_model  # noqa: E402
 from torch.distributions import biject_to  # noqa: E402
 
@@ -231,6 +231,32 @@ def test_errors(fitted):
         to_datatree(42, args, kwargs, model=linreg)
     with pytest.raises(ValueError, match="no observed site"):
         to_datatree(fitted["swag"], args, {}, num_draws=5)
+
+
+def subsampled(x, y=None, subsample=None):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", 20, subsample_size=5, subsample=subsample) as idx:
+        pyro.sample("obs", dist.Normal(w * x[idx], 1.0), obs=None if y is None else y[idx])
+
+
+def test_subsampling_plates():
+    x = torch.arange(20.0)
+    y = 2 * x
+    guide = AutoDiagonalNormal(subsampled)
+    guide(x, y)
+    # a random subsample differs in every model pass: refused, naming the plate and the fix
+    with pytest.raises(ValueError, match=r"plate 'data' draws a random subsample.*arange"):
+        to_datatree(guide, (x,), {"y": y}, num_draws=3)
+    # an explicit subsample is the same in every pass: log_likelihood pairs with observed_data
+    idx = torch.tensor([3, 7, 11, 12, 19])
+    dt = to_datatree(guide, (x,), {"y": y, "subsample": idx}, num_draws=3)
+    obs = torch.tensor(dt["observed_data"]["obs"].values)
+    torch.testing.assert_close(obs, y[idx])
+    w = torch.tensor(dt["posterior"]["w"].values[0])
+    expected = dist.Normal(w[:, None] * x[idx], 1.0).log_prob(y[idx])
+    got = torch.tensor(dt["log_likelihood"]["obs"].values[0])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    assert dt["posterior_predictive"]["obs"].shape == (1, 3, 5)
 
 
 def test_example_smoke(tmp_path):

@@ -159,3 +159,35 @@ def test_errors():
     with pytest.raises(RuntimeError, match="zero gradient noise"):
         suggest_swa_lr(model, collector, [(x, y), (x, y)], num_data=N)
     assert math.isfinite(suggest_swa_lr(model, collector, data, num_data=N))
+
+
+def model_n(x, y=None, n=None):
+    """``model`` taking its data size as ``n``."""
+    return model(x, y, num_data=n)
+
+
+def test_num_data_arg_names_the_models_keyword():
+    x, y = make_data()
+    point = torch.tensor([0.9, -0.4, 0.35])
+    data = batches(x, y, torch.randperm(N, generator=torch.Generator().manual_seed(0)))
+    ref_collector = setup(x, y, point)
+    pyro.set_rng_seed(1)  # the power iteration's start
+    ref = gradient_noise(model, ref_collector, data, num_data=N, curvature_iters=3)
+    pyro.clear_param_store()
+    collector = SWAGCollector(model_n)
+    collector(x[:B], y[:B], n=N)
+    with torch.no_grad():
+        collector.loc.copy_(point)
+    pyro.set_rng_seed(1)
+    got = gradient_noise(model_n, collector, data, num_data=N, num_data_arg="n",
+                         curvature_iters=3)
+    assert got.method == ref.method == "per_example"
+    assert got.trace == pytest.approx(ref.trace, rel=1e-6)
+    assert got.max_curvature == pytest.approx(ref.max_curvature, rel=1e-6)
+    assert suggest_swa_lr(model_n, collector, data, num_data=N, num_data_arg="n") == (
+        pytest.approx(suggest_swa_lr(model, setup(x, y, point), data, num_data=N), rel=1e-6)
+    )
+    with pytest.raises(TypeError, match="got an unexpected keyword argument 'num_data'"):
+        gradient_noise(model_n, collector, data, num_data=N)  # the default keyword
+    with pytest.raises(TypeError, match="num_data_arg must be a str or None, got num_data_arg=3"):
+        gradient_noise(model_n, collector, data, num_data=N, num_data_arg=3)

@@ -127,6 +127,10 @@ def test_state_dict_round_trip(tmp_path):
         ModuleSWAG(bn_net(out=2), rank=3).load_state_dict(
             torch.load(tmp_path / "swag.pt", weights_only=True)
         )
+    wide = ModuleSWAG(bn_net().double(), rank=3)  # refused before anything is loaded
+    with pytest.raises(TypeError, match="dtype=torch.float32 but the snapshots have"):
+        wide.load_state_dict(torch.load(tmp_path / "swag.pt", weights_only=True))
+    assert wide.num_snapshots == 0 and wide.moments.mean is None
 
 
 def test_errors():
@@ -183,6 +187,10 @@ def test_to_pyro_gaussian_learned_noise_oracle():
     draws = Predictive(model, guide=guide, num_samples=100)(x[:3])
     tau = draws["precision"]
     assert tau.log().mean().item() == pytest.approx(guide.loc[-1].item(), abs=0.08)
+    for diagonal in (False, True):  # log tau's marginal variance is psi_1(a') either way
+        _, g = swag.to_pyro(likelihood="gaussian", data=loader, diagonal=diagonal)
+        assert g.marginal_variance()[-1].item() == pytest.approx(
+            torch.polygamma(1, a).item(), rel=1e-5)
     fixed_model, fixed_guide = swag.to_pyro(likelihood="bernoulli")
     assert Predictive(fixed_model, guide=fixed_guide, num_samples=2)(x)["obs"].shape == (2, 50)
 

@@ -109,6 +109,55 @@ def test_sample_chains_draw_each_run():
         assert ((chains[r].mean(0) - g.loc).abs() < 5 * sd / 4000**0.5).all()
 
 
+def test_sample_mixture_follows_the_weights():
+    guides = synthetic_guides()  # component means ~3 apart per entry
+    ms = MultiSWAG(guides, weights=[1.0, 2.0, 5.0])
+    pyro.set_rng_seed(0)
+    draws = ms.sample_mixture(20000)
+    assert draws.shape == (20000, D + 2)
+    # the mixture's own sampler draws the same law: compare means and marginal variances
+    ref = ms.get_posterior().sample((20000,))
+    sd = ms.marginal_variance().sqrt()
+    assert ((draws.mean(0) - ms.weights @ ms.loc).abs() < 5 * sd / 20000**0.5).all()
+    assert ((ref.mean(0) - draws.mean(0)).abs() < 7 * sd / 20000**0.5).all()
+    torch.testing.assert_close(draws.var(0), ms.marginal_variance(), rtol=0.05, atol=0)
+
+
+def conjugate(x, y=None):
+    w = pyro.sample("w", dist.Normal(0.0, 3.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("obs", dist.Normal(w * x, 1.0), obs=y)
+
+
+@pytest.mark.parametrize("weights", [[0.5, 0.5], [0.95, 0.05]])
+def test_export_log_q_is_the_density_of_the_draws(weights):
+    # importance weights log_p - log_q of the export recover the exact posterior mean only if
+    # the exported draws follow log_q; the posterior group is the weighted mixture
+    guides = [SWAGGuide(conjugate, torch.tensor([m]), torch.tensor([0.5]), torch.zeros(0, 1),
+                        layout=[("w", ())]) for m in (0.5, 1.5)]
+    ms = MultiSWAG(guides, weights=weights)
+    x = torch.linspace(-1, 1, 10)
+    y = x.clone()
+    exact = float((x * y).sum() / ((x**2).sum() + 1 / 9))  # 0.9735
+    pyro.set_rng_seed(0)
+    dt = to_datatree(ms, (x,), {"y": y}, num_draws=20000)
+    lw = torch.tensor((dt["sample_stats"]["log_p"] - dt["sample_stats"]["log_q"]).values.ravel())
+    w = torch.tensor(dt["posterior"]["w"].values.ravel(), dtype=lw.dtype)
+    p = torch.softmax(lw.double(), 0)
+    mean = float((p * w).sum())
+    se = float((p**2 * (w - mean) ** 2).sum().sqrt())
+    assert abs(mean - exact) < 5 * se, (mean, exact, se)  # 1.38 when the draws were equal
+    assert dt["posterior"].sizes["chain"] == (2 if weights[0] == weights[1] else 1)
+    mix_mean = float(ms.weights @ ms.loc[:, 0])
+    mix_sd = float(ms.marginal_variance().sqrt())
+    assert abs(float(w.mean()) - mix_mean) < 5 * mix_sd / w.numel() ** 0.5
+    theta = torch.tensor(dt["posterior"]["w"].values).reshape(-1, 1)
+    torch.testing.assert_close(
+        torch.tensor(dt["sample_stats"]["log_q"].values.ravel()),
+        ms.get_posterior().log_prob(theta), rtol=1e-5, atol=1e-5,
+    )
+
+
 def test_usable_in_predictive():
     x = torch.randn(7, D)
     ms = MultiSWAG(synthetic_guides())
@@ -133,6 +182,8 @@ def test_errors():
         MultiSWAG(guides, weights=[1.0, -1.0, 1.0])
     with pytest.raises(ValueError, match="num_draws must be a positive int"):
         MultiSWAG(guides).sample_chains(0)
+    with pytest.raises(ValueError, match="num_draws must be a positive int"):
+        MultiSWAG(guides).sample_mixture(0)
     with pytest.raises(TypeError, match="expected a SWAGGuide"):
         fit_runs(lambda seed: None, 2, progress=False)
     with pytest.raises(ValueError, match="pass model=the model"):

@@ -239,3 +239,28 @@ def test_example_smoke():
         check=True,
     ).stdout
     assert "precondition='full'" in out and "precondition=None" in out
+
+
+def test_num_data_arg_names_the_models_keyword():
+    def model_n(x, y=None, n=None):
+        return model(x, y, num_data=n)
+
+    x, y = make_data()
+    point = torch.tensor([0.9, -0.4, 0.35])
+    epoch = [(x[i], y[i]) for i in torch.arange(N).split(B)]
+    ref = estimate_preconditioner(model, at_point(x, y, point), epoch, num_data=N, kind="full")
+    pyro.clear_param_store()
+    collector = SWAGCollector(model_n)
+    collector(x[:B], y[:B], n=N)
+    with torch.no_grad():
+        collector.loc.copy_(point)
+    got = estimate_preconditioner(model_n, collector, epoch, num_data=N, kind="full",
+                                  num_data_arg="n")
+    torch.testing.assert_close(got.factor, ref.factor)
+    lam = preconditioned_curvature(model_n, collector, epoch, got, num_data=N, num_data_arg="n")
+    assert lam == pytest.approx(
+        preconditioned_curvature(model, at_point(x, y, point), epoch, ref, num_data=N), rel=1e-5
+    )
+    chosen = choose_preconditioner(model_n, collector, epoch, num_data=N, kind="diag",
+                                   batch_size=B, num_data_arg="n")
+    assert chosen.kind == "diag" and chosen.max_curvature > 0

@@ -18,6 +18,7 @@ from torch.distributions import biject_to
 from torch.optim.swa_utils import update_bn
 
 from pyro_swag import SWAGCollector
+from pyro_swag._vectorize import _refresh_norms
 from pyro_swag.models import BayesianMLP
 from pyro_swag.predictive import (
     forward_draws,
@@ -119,6 +120,51 @@ def test_all_sites_and_return_value(case):
         torch.testing.assert_close(value, ref[name].reshape(value.shape), atol=1e-5, rtol=1e-5)
         if name in samples:
             assert value.shape == samples[name].shape  # MCMC.get_samples() format
+
+
+@pytest.mark.parametrize("return_sites", [(), [], set(), None, ["obs"], ("nu", "_RETURN")])
+def test_return_sites_as_pyro_predictive(return_sites):
+    model, args, data = regression_case()
+    guide, _, samples = draws(model, data, 6)
+    pyro.set_rng_seed(4)
+    ours = predictive(model, None, *args, posterior_samples=samples, return_sites=return_sites)
+    ref = pyro_reference(model, samples, args, 4, return_sites=return_sites)
+    assert list(ours) == list(ref) and ours
+    for name, value in ours.items():
+        torch.testing.assert_close(value, ref[name].reshape(value.shape), atol=1e-5, rtol=1e-5)
+    # with a guide Pyro returns every sample site for an empty return_sites too
+    ours = predictive(model, guide, *args, num_samples=4, return_sites=return_sites)
+    ref = Predictive(model, guide=guide, num_samples=4, return_sites=return_sites)(*args)
+    assert list(ours) == list(ref)
+
+
+def test_log_likelihood_takes_predictive_shaped_samples():
+    model, _, data = regression_case()
+    guide = AutoNormal(model)
+    guide(*data)
+    pyro.set_rng_seed(0)
+    post = Predictive(model, guide=guide, num_samples=4, return_sites=["w", "b", "sigma", "nu"])(
+        data[0]
+    )
+    assert post["w"].shape == (4, 1, 3)  # singleton plate dim
+    ll = log_likelihood(model, post, *data)["obs"]
+    assert ll.shape == (4, 25)
+    shapes = {"w": (3,), "b": (), "sigma": (), "nu": ()}
+    for i in range(4):
+        draw = {k: v[i].reshape(shapes[k]) for k, v in post.items()}
+        site = poutine.trace(poutine.condition(model, draw)).get_trace(*data).nodes["obs"]
+        torch.testing.assert_close(ll[i], site["fn"].log_prob(data[1]))
+    with pytest.raises(ValueError, match=r"samples 'w' has shape \(4, 2\)"):
+        log_likelihood(model, {**post, "w": torch.zeros(4, 2)}, *data)
+
+
+def test_log_likelihood_missing_latent_is_an_error():
+    model, _, data = regression_case()
+    _, _, samples = draws(model, data, 3)
+    partial = {k: v for k, v in samples.items() if k != "sigma"}
+    for given in (partial, {**partial, "sd": samples["sigma"]}):  # missing, or misspelt
+        with pytest.raises(ValueError, match=r"sites \['sigma'\] are neither in samples"):
+            log_likelihood(model, given, *data)
 
 
 def test_unconditioned_model_with_deterministic_site():
@@ -425,6 +471,59 @@ def test_forward_draws_batchnorm_refresh(chunk_size):
         forward_draws(net, params, x)
     with pytest.raises(ValueError, match="not parameters"):
         forward_draws(net, {"nope": torch.zeros(5, 2)}, x, bn_update=False)
+
+
+def dropout_bn_net(dropout_first):
+    torch.manual_seed(2)
+    if dropout_first:  # the BatchNorm statistics depend on the dropout masks
+        return nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.BatchNorm1d(8), nn.ReLU(),
+                             nn.Linear(8, 2))
+    return nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3),
+                         nn.Linear(8, 2))
+
+
+def update_bn_buffers(net, params, loader):
+    """Per-draw ``update_bn`` loop: {buffer name: (S, ...)} of the BatchNorm statistics."""
+    rows = []
+    for s in range(next(iter(params.values())).shape[0]):
+        work = copy.deepcopy(net)
+        with torch.no_grad():
+            for name, p in work.named_parameters():
+                p.copy_(params[name][s])
+        update_bn(loader, work)
+        rows.append({k: v for k, v in work.state_dict().items() if "running" in k})
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def test_forward_draws_with_dropout_and_batchnorm():
+    net = dropout_bn_net(dropout_first=False)
+    params = {k: v.detach() + 0.2 * torch.randn(4, *v.shape) for k, v in net.named_parameters()}
+    loader = [torch.randn(16, 3) * 2 + 1 for _ in range(3)]
+    x = torch.randn(5, 3)
+    out = forward_draws(net, params, x, loader=loader)
+    torch.testing.assert_close(out, reference_loop(net, params, x, loader), atol=1e-5, rtol=1e-5)
+    ref = update_bn_buffers(net, params, loader)
+    ours = _refresh_norms(net, params, loader)
+    assert set(ours) >= set(ref)
+    for k, v in ref.items():
+        torch.testing.assert_close(ours[k], v, atol=1e-5, rtol=1e-5)
+    assert net.training
+
+
+def test_forward_draws_dropout_is_active_in_the_refresh_as_in_update_bn():
+    # Dropout before BatchNorm: update_bn's statistics include the dropout noise (train
+    # mode), so they match in law only; with Dropout off the variance would be far smaller
+    net = dropout_bn_net(dropout_first=True)
+    params = {k: v.detach() + 0.2 * torch.randn(3, *v.shape) for k, v in net.named_parameters()}
+    loader = [torch.randn(256, 3) * 2 + 1 for _ in range(20)]
+    pyro.set_rng_seed(0)
+    ref = update_bn_buffers(net, params, loader)["2.running_var"]
+    ours = _refresh_norms(net, params, loader)["2.running_var"]
+    torch.testing.assert_close(ours, ref, rtol=0.1, atol=0.01)
+    off = copy.deepcopy(net)
+    off[1].p = 0.0
+    without = _refresh_norms(off, params, loader)["2.running_var"]
+    assert ((without - ref).abs() > 0.2 * ref).all()  # the check above can fail
 
 
 def test_forward_draws_matches_module_swag():

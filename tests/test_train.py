@@ -236,3 +236,102 @@ def test_resume_in_new_process_reproduces(tmp_path, stop_at):
     ref = full.state_dict()
     for key in ("loc", "variance", "deviations"):
         torch.testing.assert_close(resumed["guide"][key], ref[key], rtol=1e-5, atol=1e-7)
+
+
+def linreg_n(x, y=None, n=None):
+    """``linreg`` taking its data size as ``n``."""
+    return linreg(x, y, num_data=n)
+
+
+@pytest.mark.parametrize("kw", [dict(swa_lr="auto"), dict(swa_lr=0.01, precondition="diag"),
+                                dict(swa_lr="auto", precondition="full")])
+def test_num_data_arg_reaches_the_rate_and_curvature_estimates(kw):
+    x, y = make_data()
+    common = dict(epochs=5, swa_start=2, batch_size=20, seed=0, quiet=True, **kw)
+    ref, h_ref = fit(linreg, SWAGCollector(linreg), (x, y), **common)
+    pyro.clear_param_store()
+    got, h = fit(linreg_n, SWAGCollector(linreg_n), (x, y), num_data_arg="n", **common)
+    assert h["swa_lr"] == pytest.approx(h_ref["swa_lr"], rel=1e-6)
+    assert h["loss"] == pytest.approx(h_ref["loss"], rel=1e-6)
+    torch.testing.assert_close(got.loc, ref.loc)
+    torch.testing.assert_close(got.deviations, ref.deviations)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(anneal_strategy="cosine"), "anneal_strategy must be 'cos' or 'linear', got "
+                                     "anneal_strategy='cosine'"),
+    (dict(swa_momentum=-0.1), r"swa_momentum must be a number in \[0, 1\), got swa_momentum=-0.1"),
+    (dict(swa_momentum=1.0), r"swa_momentum must be a number in \[0, 1\), got swa_momentum=1.0"),
+    (dict(swa_momentum=2), r"got swa_momentum=2 "),
+    (dict(anneal_from=-1.0, anneal_epochs=2), "anneal_from must be None or a positive finite "
+                                              "learning rate, got anneal_from=-1.0"),
+    (dict(anneal_from=math.inf), "got anneal_from=inf"),
+    (dict(clip_norm=-1.0), "clip_norm must be None or a positive finite gradient norm, got "
+                           "clip_norm=-1.0"),
+    (dict(clip_norm=float("nan")), "got clip_norm=nan"),
+    (dict(clip_norm=0.0), "got clip_norm=0.0"),
+])
+def test_swa_phase_arguments_are_checked_before_any_training(bad, match):
+    x, y = make_data()
+    kw = dict(epochs=4, swa_start=2, swa_lr=0.01, batch_size=20, quiet=True)
+    collector = SWAGCollector(linreg)
+    collector(x[:20], y[:20], num_data=200)
+    with torch.no_grad():
+        collector.loc.copy_(torch.tensor([0.3, -0.2, 0.1]))
+    before = collector.loc.detach().clone()
+    with pytest.raises(ValueError, match=match):
+        fit(linreg, collector, (x, y), **kw, **bad)
+    assert torch.equal(collector.loc.detach(), before) and collector.num_snapshots == 0
+    fresh = SWAGCollector(linreg)
+    with pytest.raises(ValueError, match=match):
+        fit(linreg, fresh, (x, y), **kw, **bad)
+    assert fresh.prototype_trace is None  # not even set up
+
+
+def test_too_few_step_snapshots_are_refused_up_front_or_warned():
+    x, y = make_data()
+    kw = dict(epochs=3, swa_start=1, swa_lr=0.01, quiet=True, collect_every_steps=15)
+    collector = SWAGCollector(linreg)
+    with pytest.raises(ValueError, match=r"collect_every_steps=15 with epochs=3, swa_start=1 and "
+                                         r"10 steps per epoch collects 1 snapshot\(s\); SWAG "
+                                         r"needs at least 2"):
+        fit(linreg, collector, (x, y), batch_size=20, **kw)
+    assert collector.prototype_trace is None
+    guide, _ = fit(linreg, collector, (x, y), batch_size=20, **{**kw, "collect_every_steps": 10})
+    assert guide is not None and collector.num_snapshots == 2
+    pyro.clear_param_store()
+    loader = DataLoader(TensorDataset(x, y), batch_size=20)  # step count not checked up front
+    with pytest.warns(UserWarning, match=r"collect_every_steps=15 collected 1 snapshot\(s\) over "
+                                         r"the SWA phase, so fit returns no guide"):
+        guide, history = fit(linreg, SWAGCollector(linreg), loader, **kw)
+    assert guide is None and history["snapshots"][-1] == 1
+
+
+@pytest.mark.parametrize("num_data", [-200, 0, 200.7, True, "200"])
+def test_loader_num_data_must_be_a_positive_int(num_data):
+    x, y = make_data()
+    collector = SWAGCollector(linreg)
+    loader = DataLoader(TensorDataset(x, y), batch_size=20)
+    with pytest.raises(ValueError, match=f"num_data must be an integer >= 1 \\(the full data "
+                                         f"size\\), got num_data={num_data!r}"):
+        fit(linreg, collector, loader, num_data=num_data, epochs=4, swa_start=2, swa_lr=0.01,
+            quiet=True)
+    assert collector.prototype_trace is None
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(noise=-0.1), "noise must be a positive finite sd, None .* got noise=-0.1"),
+    (dict(noise=0.0), "got noise=0.0"),
+    (dict(noise=math.inf), "got noise=inf"),
+    (dict(noise_prior=(-1.0, 0.01)), r"noise_prior must be \(concentration, rate\), both > 0 "
+                                     r"and finite, got noise_prior=\(-1.0, 0.01\)"),
+    (dict(noise_prior=(1.0, math.nan)), r"got noise_prior=\(1.0, nan\)"),
+    (dict(prior_scale=math.inf), "prior_scale must be > 0 and finite, got prior_scale=inf"),
+    (dict(prior_scale=0.0), "got prior_scale=0.0"),
+    (dict(likelihood="bernoulli", noise=0.3), "a fixed noise applies to likelihood='gaussian' "
+                                              "only, got noise=0.3 with likelihood='bernoulli'"),
+    (dict(likelihood="categorical", out_features=3, noise=0.3), "likelihood='categorical'"),
+])
+def test_bayesian_mlp_refuses_bad_arguments_at_construction(kw, match):
+    with pytest.raises(ValueError, match=match):
+        BayesianMLP(2, **{"out_features": 1, **kw})

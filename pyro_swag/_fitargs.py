@@ -1,0 +1,109 @@
+"""Up-front checks of :func:`pyro_swag.train.fit`'s arguments (raised before any training)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+from ._minibatch import _TensorBatches
+
+ANNEAL_STRATEGIES = ("cos", "linear")
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
+
+
+def _positive_finite(value) -> bool:
+    return (
+        not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf
+    )
+
+
+def check_fit_args(
+    *,
+    epochs,
+    swa_start,
+    swa_lr,
+    swa_momentum,
+    anneal_epochs,
+    anneal_strategy,
+    anneal_from,
+    collect_every,
+    collect_every_steps,
+    clip_norm,
+    checkpoint_every,
+    precondition_damping,
+) -> None:
+    """Raise ``ValueError`` naming the first bad argument of ``fit`` (no state is touched)."""
+    _check_int("epochs", epochs, 1)
+    _check_int("swa_start", swa_start, 0)
+    if swa_start >= epochs:
+        raise ValueError(
+            f"swa_start={swa_start} must be < epochs={epochs}: SWAG collects during epochs "
+            f"[swa_start, epochs); lower swa_start or raise epochs"
+        )
+    _check_int("collect_every", collect_every, 1)
+    _check_int("anneal_epochs", anneal_epochs, 0)
+    _check_int("checkpoint_every", checkpoint_every, 1)
+    if collect_every_steps is not None:
+        _check_int("collect_every_steps", collect_every_steps, 1)
+    elif (epochs - swa_start) // collect_every < 2:
+        raise ValueError(
+            f"epochs={epochs}, swa_start={swa_start}, collect_every={collect_every} give "
+            f"{(epochs - swa_start) // collect_every} snapshot(s); SWAG needs at least 2"
+        )
+    if not (swa_lr == "auto" or _positive_finite(swa_lr)):
+        raise ValueError(f"swa_lr must be a positive float or 'auto', got swa_lr={swa_lr!r}")
+    if isinstance(swa_momentum, bool) or not (
+        isinstance(swa_momentum, (int, float)) and 0 <= swa_momentum < 1
+    ):
+        raise ValueError(
+            f"swa_momentum must be a number in [0, 1), got swa_momentum={swa_momentum!r} "
+            f"(0.9 is the usual value; 0 for plain SGD)"
+        )
+    if anneal_strategy not in ANNEAL_STRATEGIES:
+        raise ValueError(
+            f"anneal_strategy must be 'cos' or 'linear', got anneal_strategy={anneal_strategy!r}"
+        )
+    if anneal_from is not None and not _positive_finite(anneal_from):
+        raise ValueError(
+            f"anneal_from must be None or a positive finite learning rate, got "
+            f"anneal_from={anneal_from!r}; pass None to start the SWA phase at swa_lr"
+        )
+    if clip_norm is not None and not _positive_finite(clip_norm):
+        raise ValueError(
+            f"clip_norm must be None or a positive finite gradient norm, got "
+            f"clip_norm={clip_norm!r}; pass None for no clipping"
+        )
+    if precondition_damping != "auto" and not _positive_finite(precondition_damping):
+        raise ValueError(
+            f"precondition_damping must be a positive float (relative to the curvature's mean "
+            f"diagonal) or 'auto', got precondition_damping={precondition_damping!r}; try 'auto'"
+        )
+
+
+def check_step_snapshots(batches, epochs: int, swa_start: int, collect_every_steps) -> None:
+    """With tensor data the SWA phase's step count is known: refuse fewer than 2 snapshots."""
+    if collect_every_steps is None or not isinstance(batches, _TensorBatches):
+        return
+    per_epoch = len(batches)
+    count = (epochs - swa_start) * per_epoch // collect_every_steps
+    if count < 2:
+        raise ValueError(
+            f"collect_every_steps={collect_every_steps} with epochs={epochs}, "
+            f"swa_start={swa_start} and {per_epoch} steps per epoch collects {count} "
+            f"snapshot(s); SWAG needs at least 2: lower collect_every_steps or raise epochs"
+        )
+
+
+def warn_few_snapshots(num_snapshots: int, collect_every_steps, stacklevel: int = 3) -> None:
+    """After a full run on a loader (step count unknown up front): warn when no guide results."""
+    if collect_every_steps is not None and num_snapshots < 2:
+        warnings.warn(
+            f"collect_every_steps={collect_every_steps} collected {num_snapshots} snapshot(s) "
+            f"over the SWA phase, so fit returns no guide (SWAG needs at least 2): lower "
+            f"collect_every_steps or raise epochs",
+            stacklevel=stacklevel,
+        )
