@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
+from ._checks import is_positive_finite
 from ._minibatch import _TensorBatches
 
 ANNEAL_STRATEGIES = ("cos", "linear")
@@ -13,12 +13,6 @@ ANNEAL_STRATEGIES = ("cos", "linear")
 def _check_int(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
-
-
-def _positive_finite(value) -> bool:
-    return (
-        not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf
-    )
 
 
 def check_fit_args(
@@ -54,7 +48,7 @@ def check_fit_args(
             f"epochs={epochs}, swa_start={swa_start}, collect_every={collect_every} give "
             f"{(epochs - swa_start) // collect_every} snapshot(s); SWAG needs at least 2"
         )
-    if not (swa_lr == "auto" or _positive_finite(swa_lr)):
+    if not (swa_lr == "auto" or is_positive_finite(swa_lr)):
         raise ValueError(f"swa_lr must be a positive float or 'auto', got swa_lr={swa_lr!r}")
     if isinstance(swa_momentum, bool) or not (
         isinstance(swa_momentum, (int, float)) and 0 <= swa_momentum < 1
@@ -67,17 +61,17 @@ def check_fit_args(
         raise ValueError(
             f"anneal_strategy must be 'cos' or 'linear', got anneal_strategy={anneal_strategy!r}"
         )
-    if anneal_from is not None and not _positive_finite(anneal_from):
+    if anneal_from is not None and not is_positive_finite(anneal_from):
         raise ValueError(
             f"anneal_from must be None or a positive finite learning rate, got "
             f"anneal_from={anneal_from!r}; pass None to start the SWA phase at swa_lr"
         )
-    if clip_norm is not None and not _positive_finite(clip_norm):
+    if clip_norm is not None and not is_positive_finite(clip_norm):
         raise ValueError(
             f"clip_norm must be None or a positive finite gradient norm, got "
             f"clip_norm={clip_norm!r}; pass None for no clipping"
         )
-    if precondition_damping != "auto" and not _positive_finite(precondition_damping):
+    if precondition_damping != "auto" and not is_positive_finite(precondition_damping):
         raise ValueError(
             f"precondition_damping must be a positive float (relative to the curvature's mean "
             f"diagonal) or 'auto', got precondition_damping={precondition_damping!r}; try 'auto'"

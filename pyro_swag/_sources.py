@@ -20,9 +20,8 @@ from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoDiagonalNormal
 from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch.distributions import biject_to
 
 from .multiswag import MultiSWAG
@@ -89,7 +88,7 @@ class _RandomSubsamples(Messenger):
 
     def _pyro_sample(self, msg) -> None:
         fn = msg["fn"]
-        if (isinstance(fn, _Subsample) and msg["value"] is None
+        if (site_is_subsample(msg) and msg["value"] is None
                 and fn.subsample_size is not None and fn.subsample_size < fn.size):
             self.plates.append(msg["name"])
 

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import compare_report as report
+from ._checks import is_positive_finite
 from .compare_methods import METHODS, MethodResult, run_method
 from .data import Dataset, load_dataset
 from .models import HETEROSCEDASTIC, BayesianMLP
@@ -186,7 +187,7 @@ class CompareConfig:
                              f"got hidden={self.hidden!r}; e.g. hidden=(50,)")
         for name in ("pretrain_lr", "svi_lr", "swa_c"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            if not is_positive_finite(value):
                 raise ValueError(f"{name} must be a positive finite number, got "
                                  f"{name}={value!r}")
         budget = self.nuts_budget_s

@@ -11,7 +11,6 @@ so minibatches scale the likelihood by :math:`N / B`::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import pyro
@@ -22,6 +21,8 @@ from pyro.nn import PyroModule, PyroSample
 from pyro.poutine.messenger import Messenger
 from torch import nn
 
+from ._checks import is_positive_finite
+
 __all__ = ["BayesianMLP", "BetaNLL", "HETEROSCEDASTIC", "LIKELIHOODS", "MIN_SD", "observe"]
 
 LIKELIHOODS = ("gaussian", "categorical", "bernoulli")
@@ -30,11 +31,6 @@ MIN_SD = 1e-3  # floor of a heteroscedastic network's noise sd (in the units of 
 
 
 _ACTIVATIONS = ("tanh", "relu")
-
-
-def _positive(value) -> bool:
-    """A positive finite real number (not a bool)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf
 
 
 def _inplace(t: torch.Tensor) -> bool:
@@ -190,7 +186,7 @@ class BayesianMLP(PyroModule):
             raise ValueError(f"activation={activation!r} is not one of {_ACTIVATIONS}")
         if likelihood == "bernoulli" and out_features != 1:
             raise ValueError(f"bernoulli needs out_features=1, got out_features={out_features}")
-        if not _positive(prior_scale):
+        if not is_positive_finite(prior_scale):
             raise ValueError(f"prior_scale must be > 0 and finite, got prior_scale={prior_scale!r}")
         if isinstance(noise, str) and noise != HETEROSCEDASTIC:
             raise ValueError(f"noise={noise!r} is not a number, None or {HETEROSCEDASTIC!r}")
@@ -200,12 +196,12 @@ class BayesianMLP(PyroModule):
                     f"a fixed noise applies to likelihood='gaussian' only, got noise={noise!r} "
                     f"with likelihood={likelihood!r}; drop noise"
                 )
-            if not _positive(noise):
+            if not is_positive_finite(noise):
                 raise ValueError(
                     f"noise must be a positive finite sd, None (learn it) or "
                     f"{HETEROSCEDASTIC!r}, got noise={noise!r}"
                 )
-        if len(tuple(noise_prior)) != 2 or not all(_positive(v) for v in noise_prior):
+        if len(tuple(noise_prior)) != 2 or not all(is_positive_finite(v) for v in noise_prior):
             raise ValueError(
                 f"noise_prior must be (concentration, rate), both > 0 and finite, got "
                 f"noise_prior={noise_prior!r}"

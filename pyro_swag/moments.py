@@ -136,8 +136,6 @@ class SWAGMoments(nn.Module):
         n = self.count
         if n == 1:
             self.mean.copy_(theta)
-            self.m2.zero_()
-            self._head = 0
             return
         row = self.deviations[self._head]
         dev = row if row.dtype == theta.dtype else torch.empty_like(theta)
