@@ -179,7 +179,8 @@ def run_split(name: str, split: int, methods: list[str], args, cache: dict) -> N
                         data, data.y_test)
             row.update({k: v for k, v in sc.items() if not k.startswith("_")})
             row.update({k: v for k, v in res.extra.items() if isinstance(v, (int, float))})
-            run = state.get("swag_run") or {}
+            # the SWAG run's settings describe the SWAG-based rows only
+            run = (state.get("swag_run") or {}) if method in RECIPE_METHODS else {}
             for k in ("swa_c", "pretrain_batch", "pretrain_val_ll", "pretrain_s", "swa_s",
                       "pretrain_checkpoint"):
                 if isinstance(run.get(k), (int, float, str)):

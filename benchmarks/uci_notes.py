@@ -128,7 +128,13 @@ FINDINGS = [
     "(median), a held-out LL 0.75 higher than B's on average, and 7.031 ± 0.018 "
     "(better than B on every split). Its c was chosen as 0.01 on 10 splits, 0.03 on 7. "
     "The SWAG predictive's held-out LL is 0.02 *below* the MAP's on average: on naval "
-    "the SWA phase costs a little fit, and its 90 % intervals over-cover (0.977).",
+    "the SWA phase costs a little fit, and its 90 % intervals over-cover (0.977). "
+    "Every naval row was measured before a loader fix: column 11 holds 0.998 on every "
+    "row, but its training sd comes out as 1e-16, not 0, so the loader turned it into "
+    "the constant 1 instead of 0. In the 1×50 network its 50 weights then act as a "
+    "second bias per hidden unit (prior variance 2 instead of 1 on the hidden units' "
+    "offsets); the model's function class is the same. The loader now gives 0; the naval "
+    "rows were not rerun.",
     "- **yacht**: fit-limited. Full-batch Adam fits yacht far better (recipe B on "
     "splits 0–2, where full batch was chosen: +0.04 to +0.16, better than the published "
     "−0.404 and NUTS's −0.320 on split 0), but the per-split choice of batch on a "

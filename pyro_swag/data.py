@@ -1,10 +1,11 @@
 r"""Datasets for the comparison job and the UCI benchmark, standardised with train statistics.
 
 Every loader returns a :class:`Dataset`: float tensors ``x_train, y_train, x_test, y_test``
-whose inputs are standardised with the *training* mean and sd (constant columns get sd 1),
-and, for regression, targets standardised the same way; ``y_mean``/``y_std`` map the
-standardised scale back to original units, :math:`y = \bar y + s_y \tilde y`, so a
-log-likelihood per point in original units is the standardised one minus :math:`\log s_y`.
+whose inputs are standardised with the *training* mean and sd (columns constant up to
+rounding become 0), and, for regression, targets standardised the same way;
+``y_mean``/``y_std`` map the standardised scale back to original units,
+:math:`y = \bar y + s_y \tilde y`, so a log-likelihood per point in original units is the
+standardised one minus :math:`\log s_y`.
 
 Built-in sets (scikit-learn, no download): ``diabetes`` (regression, the default),
 ``breast_cancer`` (Bernoulli), ``digits`` (categorical, 10 classes), ``moons`` (Bernoulli,
@@ -120,10 +121,17 @@ class Dataset:
         )
 
 
+def _moments(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and sd; a column constant up to rounding gets its value as mean and sd 1."""
+    mean, std = a.mean(0), a.std(0)
+    # the sd of a constant column can come out as a rounding error (1e-16 in naval), and
+    # dividing by it would turn the column into a constant 1 and any test deviation into 1e9
+    const = std <= 1e-12 * np.maximum(1.0, np.abs(mean))
+    return np.where(const, a[0], mean), np.where(const, 1.0, std)
+
+
 def _standardise(x_tr: np.ndarray, x_te: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = x_tr.mean(0)
-    std = x_tr.std(0)
-    std = np.where(std > 0, std, 1.0)  # constant columns (e.g. in naval) stay finite
+    mean, std = _moments(x_tr)
     return (x_tr - mean) / std, (x_te - mean) / std
 
 
@@ -133,9 +141,7 @@ def _build(name, likelihood, x_tr, y_tr, x_te, y_te, split, num_classes=1, names
     if likelihood == "gaussian":
         y_tr = np.asarray(y_tr, float)
         y_te = np.asarray(y_te, float)
-        y_mean, y_std = float(y_tr.mean()), float(y_tr.std())
-        if not y_std > 0:
-            y_std = 1.0
+        y_mean, y_std = (float(v) for v in _moments(y_tr))
         y_tr, y_te = (y_tr - y_mean) / y_std, (y_te - y_mean) / y_std
     f32 = torch.get_default_dtype()
     ydt = torch.long if likelihood == "categorical" else f32
@@ -218,7 +224,14 @@ def uci_num_splits(name: str, data_dir: str | os.PathLike | None = None) -> int:
     n_file = path / "n_splits.txt"
     if n_file.is_file():
         return int(float(n_file.read_text().split()[0]))
-    return len(list(path.glob("index_train_*.txt")))
+    count = len(list(path.glob("index_train_*.txt")))
+    if count == 0:
+        raise FileNotFoundError(
+            f"{str(path)!r} has data.txt but no n_splits.txt or index_train_<i>.txt files, so "
+            f"it holds no standard splits of {name!r}; point data_dir at the UCI_Datasets "
+            "directory of the standard splits"
+        )
+    return count
 
 
 def load_uci(name: str, split: int = 0, data_dir: str | os.PathLike | None = None) -> Dataset:
@@ -228,6 +241,12 @@ def load_uci(name: str, split: int = 0, data_dir: str | os.PathLike | None = Non
     data = np.loadtxt(path / "data.txt")
     feats = np.loadtxt(path / "index_features.txt", dtype=int, ndmin=1)
     target = int(np.loadtxt(path / "index_target.txt"))
+    for part in ("train", "test"):
+        if not (path / f"index_{part}_{split}.txt").is_file():
+            raise FileNotFoundError(
+                f"{str(path)!r} has no index_{part}_{split}.txt for split={split} of {name!r}; "
+                "the standard splits directory is incomplete"
+            )
     tr = np.loadtxt(path / f"index_train_{split}.txt", dtype=int)
     te = np.loadtxt(path / f"index_test_{split}.txt", dtype=int)
     x, y = data[:, feats], data[:, target]

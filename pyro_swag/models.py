@@ -186,6 +186,11 @@ class BayesianMLP(PyroModule):
             raise ValueError(f"activation={activation!r} is not one of {_ACTIVATIONS}")
         if likelihood == "bernoulli" and out_features != 1:
             raise ValueError(f"bernoulli needs out_features=1, got out_features={out_features}")
+        if likelihood == "categorical" and out_features < 2:
+            raise ValueError(
+                f"categorical needs out_features >= 2 (one logit per class), got "
+                f"out_features={out_features}"
+            )
         if not is_positive_finite(prior_scale):
             raise ValueError(f"prior_scale must be > 0 and finite, got prior_scale={prior_scale!r}")
         if isinstance(noise, str) and noise != HETEROSCEDASTIC:
@@ -210,6 +215,11 @@ class BayesianMLP(PyroModule):
             raise ValueError(
                 f"noise='heteroscedastic' needs likelihood='gaussian' and out_features=1, got "
                 f"likelihood={likelihood!r}, out_features={out_features}"
+            )
+        if likelihood == "gaussian" and noise != HETEROSCEDASTIC and out_features != 1:
+            raise ValueError(
+                f"likelihood='gaussian' needs out_features=1 (one mean per point), got "
+                f"out_features={out_features}; use noise='heteroscedastic' for a mean and an sd"
             )
         if noise == HETEROSCEDASTIC:
             out_features = 2  # mean and (softplus-transformed) sd

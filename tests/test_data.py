@@ -74,6 +74,40 @@ def test_uci_constant_columns_stay_finite_and_env_var(monkeypatch):
     monkeypatch.setenv("PYRO_SWAG_DATA", str(UCI_ROOT))
     d = load_dataset("uci:naval", split=0)
     assert torch.isfinite(d.x_train).all() and torch.isfinite(d.x_test).all()
+    # columns 8 and 11 hold one value each; 11's sd comes out as 1e-16, not 0
+    for col in (8, 11):
+        assert (d.x_train[:, col] == 0).all() and (d.x_test[:, col] == 0).all()
+
+
+def test_a_column_constant_up_to_rounding_is_centred_not_blown_up():
+    from pyro_swag.data import _standardise
+
+    x = np.full((100, 2), 0.998)
+    x[:, 1] = np.arange(100.0)
+    assert x[:, 0].std() > 0  # the rounding error the loader has to see through
+    tr, te = _standardise(x, x[:3] + [1e-9, 0.0])
+    assert np.abs(tr[:, 0]).max() == 0 and np.abs(te[:, 0]).max() < 1e-8
+    np.testing.assert_allclose(tr[:, 1], (x[:, 1] - x[:, 1].mean()) / x[:, 1].std())
+
+
+def _partial_uci(tmp_path, files):
+    src = UCI_ROOT / "yacht" / "data"
+    dst = tmp_path / "yacht" / "data"
+    dst.mkdir(parents=True)
+    for f in files:
+        (dst / f).write_text((src / f).read_text())
+    return tmp_path
+
+
+@needs_uci
+def test_a_data_dir_without_split_files_says_so(tmp_path):
+    root = _partial_uci(tmp_path, ["data.txt", "index_features.txt", "index_target.txt"])
+    with pytest.raises(FileNotFoundError, match=r"no n_splits.txt or index_train_<i>.txt"):
+        load_uci("yacht", 0, data_dir=root)
+    (root / "yacht" / "data" / "index_train_0.txt").write_text(
+        (UCI_ROOT / "yacht" / "data" / "index_train_0.txt").read_text())
+    with pytest.raises(FileNotFoundError, match=r"no index_test_0.txt for split=0 of 'yacht'"):
+        load_uci("yacht", 0, data_dir=root)
 
 
 def test_unknown_dataset_names_the_choices():

@@ -331,6 +331,8 @@ def test_loader_num_data_must_be_a_positive_int(num_data):
     (dict(likelihood="bernoulli", noise=0.3), "a fixed noise applies to likelihood='gaussian' "
                                               "only, got noise=0.3 with likelihood='bernoulli'"),
     (dict(likelihood="categorical", out_features=3, noise=0.3), "likelihood='categorical'"),
+    (dict(out_features=2), "likelihood='gaussian' needs out_features=1 .* got out_features=2"),
+    (dict(likelihood="categorical"), "categorical needs out_features >= 2"),
 ])
 def test_bayesian_mlp_refuses_bad_arguments_at_construction(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
+
+import pytest
+
+from pyro_swag.data import default_data_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import uci_report as report  # noqa: E402
@@ -77,3 +82,18 @@ def test_mean_se_is_the_standard_error_of_the_mean():
     assert report._mean_se([1.0, 3.0]) == (2.0, 1.0)  # sd sqrt(2), over sqrt(2) splits
     mean, se = report._mean_se([1.0])
     assert mean == 1.0 and math.isnan(se)
+
+
+def test_baseline_rows_do_not_carry_the_swag_runs_settings(tmp_path):
+    root = default_data_dir()
+    if root is None or not (root / "yacht").is_dir():
+        pytest.skip("UCI data directory absent (set PYRO_SWAG_DATA)")
+    import uci  # benchmarks/ is on sys.path (above)
+
+    cache = tmp_path / "cache.json"
+    uci.main(["--sets", "yacht", "--splits", "1", "--methods", "swag", "svi_normal",
+              "--pretrain-steps", "100", "--svi-steps", "50", "--snapshots", "3",
+              "--cache", str(cache), "--out", str(tmp_path / "uci.md")])
+    rows = json.loads(cache.read_text())
+    assert "swa_c" in rows["yacht/0/swag"] and "pretrain_s" in rows["yacht/0/swag"]
+    assert not {"swa_c", "pretrain_s", "swa_s"} & set(rows["yacht/0/svi_normal"])
