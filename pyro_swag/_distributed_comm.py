@@ -97,6 +97,12 @@ def assemble(
     rank ``dst`` (on every rank when ``None``, by one broadcast per block; otherwise by
     point-to-point sends). Receivers hold the full result plus one block, never a list of
     all blocks; the others get ``None``."""
+    if dst is not None and (isinstance(dst, bool) or not isinstance(dst, int)
+                            or not 0 <= dst < len(widths)):
+        raise ValueError(
+            f"dst must be None (every rank) or a group rank in [0, {len(widths)}), got "
+            f"dst={dst!r}"
+        )
     if len(widths) == 1:
         return list(parts)
     receive = dst is None or rank == dst
@@ -130,3 +136,25 @@ def assemble(
                 dist.recv(buf, src=global_rank(group, src), group=group)
             full[i][:, cols] = buf
     return full
+
+
+def check_runs(swag_group, runs_group, num_snapshots: int) -> None:
+    """Refuse, on every rank together, a gather of runs that would hang: a trajectory not
+    trained on its run's group, or a run with fewer than 2 snapshots; collective."""
+    mine = dist.get_process_group_ranks(runs_group)
+    theirs = (list(range(dist.get_world_size())) if swag_group is None
+              else dist.get_process_group_ranks(swag_group))
+    flags = torch.tensor([num_snapshots, -int(mine != theirs)], device=comm_device(None))
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    if int(flags[1]):
+        where = f"swag trains on ranks {theirs} but this rank's run is ranks {mine}" if (
+            mine != theirs) else "a trajectory on another rank is not trained on its run"
+        raise ValueError(
+            f"{where}; build DistributedSWAG(..., group=runs.group) with the Runs from "
+            "split_runs"
+        )
+    if int(flags[0]) < 2:
+        raise RuntimeError(
+            f"gather_runs() needs at least 2 snapshots in every run, one run has "
+            f"{int(flags[0])}; call collect() during every run's training"
+        )

@@ -34,6 +34,7 @@ from pyro.infer import ELBO, Trace_ELBO
 
 from ._distributed_comm import (
     assemble,
+    check_runs,
     close_distributed,
     comm_device,
     default_backend,
@@ -41,6 +42,7 @@ from ._distributed_comm import (
     init_distributed,
     rank_size,
 )
+from ._distributed_state import apply_checkpoint, check_checkpoint, checkpoint_path, other_world
 from .autoguide import SWAGCollector, SWAGGuide, _layout
 from .moments import SWAGMoments
 
@@ -235,7 +237,9 @@ class DistributedSWAG:
         full = assemble(parts, self._widths(), self.rank, dst, self.group)
         if full is None:
             return None
-        return _guide_from(self.collector, full[0][0], full[0][1], full[1], scale, diagonal)
+        device = self.collector.loc.device  # the guide lives with the model
+        loc, var, devs = (t.to(device) for t in (full[0][0], full[0][1], full[1]))
+        return _guide_from(self.collector, loc, var, devs, scale, diagonal)
 
     # ------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
@@ -260,32 +264,15 @@ class DistributedSWAG:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (of the same rank, group size and mode)."""
+        """Restore :meth:`state_dict` (of the same rank, group size, mode, model and dtype);
+        a checkpoint that does not fit is refused before anything changes."""
         if self.optimizer is None:
             raise RuntimeError("load_state_dict() needs setup(*model_args) to be run first")
-        meta = state["meta"]
-        mine = {"rank": self.rank, "world_size": self.world_size, "shard": self.shard}
-        theirs = {k: meta[k] for k in mine}
-        if mine != theirs:
-            raise ValueError(
-                f"the checkpoint was written by {theirs} but this process is {mine}; relaunch "
-                "with the same number of processes and the same shard setting"
-            )
-        if [(n, tuple(s)) for n, s in meta["layout"]] != _layout(self.collector):
-            raise ValueError("the checkpoint belongs to another model (its latent layout differs)")
-        with torch.no_grad():
-            self.collector.loc.copy_(state["loc"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.moments.load_state_dict(state["moments"])
-        torch.set_rng_state(state["rng"])
-        if "cuda_rng" in state and self.collector.loc.is_cuda:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.collector.loc.device)
-        self.num_steps = int(meta["num_steps"])
+        check_checkpoint(self, state)
+        apply_checkpoint(self, state)
 
     def _path(self, directory: str | os.PathLike) -> Path:
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        return Path(directory) / f"swag-rank{rank}-of-{world}.pt"
+        return checkpoint_path(directory, *rank_size(None))
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write this rank's :meth:`state_dict` to ``directory`` (atomically); collective."""
@@ -310,12 +297,20 @@ class DistributedSWAG:
         if path.exists():
             state = torch.load(path, weights_only=True, map_location=self.collector.loc.device)
         step = -1 if state is None else int(state["meta"]["num_steps"])
-        lo_hi = torch.tensor([step, -step], dtype=torch.long)
+        world = rank_size(None)[1]
+        other = other_world(directory, world) if state is None else 0
+        flags = torch.tensor([step, -step, -other], dtype=torch.long)
         if self.world_size > 1:
-            buf = lo_hi.to(comm_device(self.group))
+            buf = flags.to(comm_device(self.group))
             dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=self.group)
-            lo_hi = buf.cpu()
-        lo, hi = int(lo_hi[0]), -int(lo_hi[1])
+            flags = buf.cpu()
+        lo, hi, other = int(flags[0]), -int(flags[1]), -int(flags[2])
+        if hi == -1 and other:
+            raise ValueError(
+                f"{str(directory)!r} holds checkpoints of a {other}-process run but this run "
+                f"has {world} processes; relaunch with {other} processes, or pass an empty "
+                "directory to start afresh"
+            )
         if lo != hi:
             raise RuntimeError(
                 f"the ranks' checkpoints in {directory} are from different steps ({lo}..{hi}, "
@@ -375,6 +370,8 @@ def gather_runs(
     Collective over the world; other ranks get ``None``. Runs must share the model (the same
     latent size); they may hold different numbers of deviations.
     """
+    if runs.num_runs > 1:
+        check_runs(swag.group, runs.group, swag.num_snapshots)
     guide = swag.swag_guide(scale=scale, diagonal=diagonal, dst=0)
     rank = rank_size(None)[0]
     if runs.num_runs == 1 or guide is None:

@@ -33,12 +33,17 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def make_collector(seed: int, deviation_dtype: torch.dtype | None = None) -> SWAGCollector:
+def make_collector(
+    seed: int,
+    deviation_dtype: torch.dtype | None = None,
+    rank: int = RANK,
+    dtype: torch.dtype = torch.float32,
+) -> SWAGCollector:
     pyro.clear_param_store()  # collectors share the param name "AutoSWAGCollector.loc"
     torch.manual_seed(seed)
-    model = BayesianMLP(1, hidden=(8,), noise=0.3)
+    model = BayesianMLP(1, hidden=(8,), noise=0.3).to(dtype)
     init = model.init_loc_fn()
-    return SWAGCollector(model, rank=RANK, init_loc_fn=init, deviation_dtype=deviation_dtype)
+    return SWAGCollector(model, rank=rank, init_loc_fn=init, deviation_dtype=deviation_dtype)
 
 
 def batch(step: int, seed: int) -> torch.Tensor:
@@ -104,6 +109,27 @@ def torn_checkpoint(swag, directory: Path, rank: int, world: int) -> str:
     return "resumed"
 
 
+def misused_runs(runs, rank: int, world: int) -> dict[str, str]:
+    """gather_runs on a trajectory of the wrong group, and with a run short of snapshots:
+    every rank must raise (none left waiting in a collective)."""
+    from pyro_swag.distributed import DistributedSWAG, gather_runs
+
+    errors = {}
+    whole = DistributedSWAG(make_collector(0), optimizer)  # group=runs.group forgotten
+    train(whole, 0, rank, world)
+    short = DistributedSWAG(make_collector(100 + runs.run), optimizer, group=runs.group)
+    args, kwargs = microbatch(0, 100 + runs.run, 0, 1, *make_data())
+    short.step(*args, **kwargs)
+    for _ in range(3 if rank == 0 else 1):  # run 1 has 1 snapshot
+        short.collect()
+    for name, swag in (("group", whole), ("snapshots", short)):
+        try:
+            gather_runs(swag, runs)
+        except (ValueError, RuntimeError) as err:
+            errors[name] = f"{type(err).__name__}: {err}"
+    return errors
+
+
 def ddp(out: Path) -> None:
     import torch.distributed as dist
 
@@ -139,7 +165,11 @@ def ddp(out: Path) -> None:
     if guide is not None:
         torch.save(guide.state_dict(), out / "guide-bf16.pt")
 
+    swag.save(out / "two-rank-ckpt")  # resumed by one process in the tests: refused
+
     runs = split_runs(2)
+    info["misuse"] = misused_runs(runs, rank, world)
+    (out / f"info-rank{rank}.json").write_text(json.dumps(info))
     swag = DistributedSWAG(make_collector(100 + runs.run), optimizer, group=runs.group)
     train(swag, 100 + runs.run, 0, 1)  # one rank per run: the run's whole batch
     guides = gather_runs(swag, runs)

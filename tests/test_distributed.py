@@ -121,6 +121,23 @@ def test_checkpoint_torn_across_ranks_is_refused_on_every_rank(launched):
         assert "different steps (-1..30" in info["torn_checkpoint"]
 
 
+def test_misused_gather_runs_raises_on_every_rank(launched):
+    for rank in (0, 1):
+        errors = json.loads((launched / f"info-rank{rank}.json").read_text())["misuse"]
+        assert errors["group"].startswith("ValueError") and "group=runs.group" in errors["group"]
+        assert errors["snapshots"].startswith("RuntimeError") and "one run has 1" in errors[
+            "snapshots"]
+
+
+def test_checkpoint_of_another_world_size_is_refused_not_ignored(launched):
+    x, y = w.make_data()
+    args, kwargs = w.microbatch(0, 0, 0, 1, x, y)
+    swag = DistributedSWAG(w.make_collector(0), w.optimizer)
+    with pytest.raises(ValueError, match="2-process run but this run has 1 processes"):
+        swag.resume(launched / "two-rank-ckpt", *args, **kwargs)
+    assert swag.num_steps == 0
+
+
 def test_multiswag_runs_are_independent_trajectories(launched):
     refs = [w.reference(100 + run) for run in (0, 1)]
     guides = [_load(launched / f"run{run}.pt", refs[run].model) for run in (0, 1)]
@@ -190,6 +207,36 @@ def test_checkpoint_of_another_mode_is_refused(tmp_path):
     state["meta"]["layout"] = [("other", (3,))]
     with pytest.raises(ValueError, match="latent layout"):
         swag.load_state_dict(state)
+
+
+def test_a_checkpoint_that_does_not_fit_changes_nothing(tmp_path):
+    x, y = w.make_data()
+    args, kwargs = w.microbatch(0, 0, 0, 1, x, y)
+    swag = DistributedSWAG(w.make_collector(0), w.optimizer)
+    w.train(swag, 0, 0, 1)
+    state = swag.state_dict()
+    for rank, dtype, error, match in (
+        (3, torch.float32, ValueError, "rank=5 into a collector of rank=3"),
+        (w.RANK, torch.float64, TypeError, "dtype=torch.float32 but the snapshots have "
+                                           "dtype=torch.float64"),
+    ):
+        other = DistributedSWAG(w.make_collector(0, rank=rank, dtype=dtype), w.optimizer)
+        other.setup(*(a.to(dtype) for a in args), **kwargs)
+        before = other.collector.loc.detach().clone()
+        with pytest.raises(error, match=match):
+            other.load_state_dict(state)
+        assert other.collector.loc.equal(before) and other.num_snapshots == 0
+        assert not other.optimizer.state  # no momentum buffers loaded
+
+
+def test_bad_dst_is_refused_before_any_communication():
+    swag = DistributedSWAG(w.make_collector(0), w.optimizer)
+    w.train(swag, 0, 0, 1)
+    for dst in (1, -1, True, "0"):
+        with pytest.raises(ValueError, match=f"dst must be None .* got dst={dst!r}"):
+            swag.swag_guide(dst=dst)
+    with pytest.raises(ValueError, match="got dst=2"):
+        swag.gather_moments(dst=2)
 
 
 def test_bad_arguments():
