@@ -21,7 +21,7 @@ from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_value
 from tqdm.auto import tqdm
 
-from .compare_swag import _batches, _elbo, _init_fn, train_swag
+from .compare_swag import SWAPhaseError, _batches, _elbo, _init_fn, train_swag
 from .datatree import RecordingNUTS
 from .multiswag import MultiSWAG
 
@@ -61,12 +61,23 @@ def guide_draws(guide, data, num_samples: int) -> dict[str, torch.Tensor]:
     return {k: torch.stack([s[k].detach() for s in samples]) for k in samples[0]}
 
 
-def _swag_run(ctx) -> dict:
+def _swag_run(ctx, need_swa: bool = True) -> dict:
+    """The shared trajectory, trained once; then the RNG is reseeded, so that a method's
+    draws do not depend on which method happened to train it. A failed SWA phase is kept
+    (and raised again) rather than retrained; ``need_swa=False`` (MAP, NUTS) takes only
+    the pre-training's MAP from it."""
     if "swag_run" not in ctx.state:
-        ctx.state["swag_run"] = train_swag(
-            ctx.model, ctx.data, ctx.config, ctx.config.seed, ctx.quiet
-        )
-    return ctx.state["swag_run"]
+        try:
+            ctx.state["swag_run"] = train_swag(
+                ctx.model, ctx.data, ctx.config, ctx.config.seed, ctx.quiet
+            )
+        except SWAPhaseError as err:
+            ctx.state["swag_run"] = {**err.pretrained, "swa_error": err}
+    run = ctx.state["swag_run"]
+    if need_swa and "swa_error" in run:
+        raise run["swa_error"]
+    pyro.set_rng_seed(ctx.config.seed)
+    return run
 
 
 def _info(run: dict) -> dict:
@@ -75,7 +86,7 @@ def _info(run: dict) -> dict:
 
 
 def _map(ctx) -> MethodResult:
-    run = _swag_run(ctx)
+    run = _swag_run(ctx, need_swa=False)
     draws = {k: v.unsqueeze(0) for k, v in run["map"].items()}
     return MethodResult("map", draws=draws, wall_s=run["pretrain_s"],
                         note="Adam pre-training end point (one draw)")
@@ -107,6 +118,7 @@ def _multiswag(ctx) -> MethodResult:
         model_k = ctx.model_factory(cfg.seed + k)
         guides.append(train_swag(model_k, ctx.data, cfg, cfg.seed + k, ctx.quiet,
                                  desc=f"multiswag {k + 1}/{cfg.multiswag_runs}")["guide"])
+    pyro.set_rng_seed(cfg.seed)
     guide = MultiSWAG(guides, model=ctx.model)
     draws = guide_draws(guide, ctx.data, cfg.num_samples)
     wall = run["pretrain_s"] + run["swa_s"] + time.perf_counter() - start
@@ -160,7 +172,7 @@ class _OverBudget(Exception):
 
 def _nuts(ctx) -> MethodResult:
     cfg, data = ctx.config, ctx.data
-    run = _swag_run(ctx)
+    run = _swag_run(ctx, need_swa=False)
     start = time.perf_counter()
 
     def hook(kernel, samples, stage, i):

@@ -7,6 +7,7 @@ import platform
 import warnings
 from pathlib import Path
 
+import pyro
 import torch
 
 from .compare_methods import LABELS
@@ -15,8 +16,12 @@ from .compare_metrics import agreement, pointwise, scores
 __all__ = ["summarise", "write_outputs"]
 
 
-def _tree_and_loo(model, data, res, num_draws: int):
-    """The method's DataTree (training data) and its corrected PSIS-LOO summary."""
+def _tree_and_loo(model, data, res, num_draws: int, seed: int):
+    r"""The method's DataTree (training data) and its corrected PSIS-LOO summary.
+
+    The DataTree holds the model's (standardised) data; for regression the elpd is moved to
+    original units like the test LL: :math:`\mathrm{elpd} - N \log s_y`.
+    """
     from .datatree import loo, to_datatree
 
     source = res.mcmc if res.mcmc is not None else res.guide
@@ -25,6 +30,7 @@ def _tree_and_loo(model, data, res, num_draws: int):
     args, kwargs = (data.x_train,), {"y": data.y_train}
     chains = getattr(source, "num_runs", None) or 1
     draws = max(1, num_draws // chains) if res.mcmc is None else None
+    pyro.set_rng_seed(seed)  # the same draws whichever methods ran before
     try:
         dt = to_datatree(source, args, kwargs, model=model, num_chains=chains, num_draws=draws)
         with warnings.catch_warnings():  # a high or undefined k-hat is reported in the table
@@ -33,10 +39,12 @@ def _tree_and_loo(model, data, res, num_draws: int):
             elpd = loo(dt)
     except (ValueError, RuntimeError, TypeError) as err:
         return None, {"loo_note": f"DataTree/LOO failed: {type(err).__name__}: {err}"}
-    return dt, {
-        "loo_elpd": float(elpd.elpd), "loo_se": float(elpd.se),
-        "loo_max_k": float(elpd.pareto_k.max()),
-    }
+    value, k_max = float(elpd.elpd), float(elpd.pareto_k.max())
+    if not math.isfinite(value):
+        return dt, {"loo_note": f"LOO failed: the elpd is {value} (max Pareto k̂ {k_max:.3g})"}
+    if data.likelihood == "gaussian":
+        value -= data.x_train.shape[0] * math.log(data.y_std)
+    return dt, {"loo_elpd": value, "loo_se": float(elpd.se), "loo_max_k": k_max}
 
 
 def _point_tree(res):
@@ -66,7 +74,7 @@ def summarise(model, data, results: dict, config) -> tuple[dict, dict]:
             sc = scores(pointwise(model, res.draws, x, y, data.likelihood), data, y)
             evals[name] = sc
             row.update({k: v for k, v in sc.items() if not k.startswith("_")})
-            tree, loo_row = _tree_and_loo(model, data, res, config.num_samples)
+            tree, loo_row = _tree_and_loo(model, data, res, config.num_samples, config.seed)
             sc["_tree"] = tree
             row.update(loo_row)
         methods[name] = row
@@ -139,8 +147,8 @@ def markdown(summary: dict) -> str:
         f"{ds['num_train']} training / {ds['num_test']} test points, {ds['in_features']} "
         f"inputs, {ds['likelihood']} likelihood. Test log-likelihood per point{units}; "
         "coverage of central predictive intervals (classification: of the smallest class "
-        "sets) on the test split; corrected PSIS-LOO on the training split (elpd ± se, "
-        "largest Pareto k̂; k̂ > 0.7 means unreliable); wall time of fit + draws.",
+        f"sets) on the test split; corrected PSIS-LOO on the training split (elpd{units} ± "
+        "se, largest Pareto k̂; k̂ > 0.7 means unreliable); wall time of fit + draws.",
         "",
         _table(summary),
         "",
@@ -155,9 +163,12 @@ def markdown(summary: dict) -> str:
     if agree:
         parts += [
             "## Agreement with NUTS", "",
-            "Predictive mean / sd error: RMS over test points of the difference to NUTS's "
-            "(original units); `w2_marginal`: mean over latent scalars of the 1-D "
-            "Wasserstein-2 distance to NUTS's marginal, in units of NUTS's marginal sd.",
+            ("`pred_mean_err` / `pred_sd_err`: RMS over test points of the difference of the "
+             "predictive mean / sd to NUTS's (original units)" if units else
+             "`pred_prob_err`: mean absolute difference of the predictive class "
+             "probabilities to NUTS's, over test points and classes")
+            + "; `w2_marginal`: mean over latent scalars of the 1-D Wasserstein-2 distance to "
+            "NUTS's marginal, in units of NUTS's marginal sd.",
             "", agree, "",
         ]
     else:

@@ -25,7 +25,16 @@ from .models import HETEROSCEDASTIC, BetaNLL
 from .predictive import log_likelihood
 from .train import fit
 
-__all__ = ["train_swag"]
+__all__ = ["SWAPhaseError", "train_swag"]
+
+
+class SWAPhaseError(RuntimeError):
+    """The SWA phase failed after pre-training succeeded; ``pretrained`` holds the MAP
+    (``map``, ``tau_hat``, ``pretrain_s``), so the methods that need only it can still run."""
+
+    def __init__(self, message: str, pretrained: dict) -> None:
+        super().__init__(message)
+        self.pretrained = pretrained
 
 
 def _init_fn(model):
@@ -158,8 +167,13 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
                     "calibration": (scales or {}).get(c),
                     "pretrain_batch": size, "pretrain_val_ll": ll, "checkpoint": crit}
     tau = best["tau"]
-    guide, lr, retries = _swa_phase(model, collector, x, y, min(best["c"] / tau, best["cap"]),
-                                    config, best["loc"], quiet, desc)
+    try:
+        guide, lr, retries = _swa_phase(model, collector, x, y,
+                                        min(best["c"] / tau, best["cap"]), config,
+                                        best["loc"], quiet, desc)
+    except RuntimeError as err:
+        pretrained = {"map": best["map"], "tau_hat": tau, "pretrain_s": pretrain_s}
+        raise SWAPhaseError(str(err), pretrained) from err
     if best["calibration"] is not None:  # the held-out scale, recorded on the guide
         guide.scale = best["calibration"].scale
         guide.calibration = best["calibration"].to_dict()

@@ -208,13 +208,28 @@ def _corrected(dt: xr.DataTree, corrected: bool | None) -> bool:
     return has if corrected is None else bool(corrected)
 
 
+def _float64(dt: xr.DataTree) -> xr.DataTree:
+    r"""A copy whose log-likelihood and sample stats are float64: the importance ratios
+    :math:`\log p - \log q` of a wide guide span thousands of nats, where float32 weights
+    come out NaN with a meaningless constant k-hat."""
+    out = dt.copy()
+    for group in ("log_likelihood", "sample_stats"):
+        if group in out.children:
+            ds = out[group].to_dataset()
+            wide = {k: v.astype("float64") for k, v in ds.data_vars.items() if v.dtype.kind == "f"}
+            out[group] = xr.DataTree(ds.assign(wide))
+    return out
+
+
 def loo(dt: xr.DataTree, corrected: bool | None = None, pointwise: bool = True,
         var_name: str | None = None):
     """PSIS-LOO; importance-corrected for guides (``loo_approximate_posterior``).
 
     ``corrected=None`` corrects whenever ``sample_stats`` has ``log_p`` and ``log_q``;
     ``corrected=False`` is the naive ``arviz_stats.loo`` (draws treated as posterior).
+    Computed in float64.
     """
+    dt = _float64(dt)
     if _corrected(dt, corrected):
         ss = dt["sample_stats"]
         return arviz_stats.loo_approximate_posterior(
@@ -230,6 +245,7 @@ def compare(dts: Mapping[str, xr.DataTree], corrected: bool | None = None, **kwa
 
 def loo_pit(dt: xr.DataTree, corrected: bool | None = None) -> xr.Dataset:
     """LOO-PIT values; for guides weighted by :math:`p / (q\\, p(y_i \\mid \\theta))` (PSIS)."""
+    dt = _float64(dt)
     if not _corrected(dt, corrected):
         return arviz_stats.loo_pit(dt)
     ss = dt["sample_stats"]

@@ -249,7 +249,9 @@ class BayesianMLP(PyroModule):
             value = initial.get(site["name"])
             if value is None:
                 return init_to_median(site)
-            return value.to(site["fn"].mean)  # device and dtype of the prior
+            # a copy on the prior's device and dtype: AutoNormal's loc would share (and
+            # train) the stored tensor, and the next guide would start from its fit
+            return value.to(site["fn"].mean, copy=True)
 
         return init
 

@@ -374,3 +374,67 @@ def test_scale_grid_chooses_the_scale_with_the_rate_on_held_out_data(monkeypatch
         tiny(swa_scale_grid=(1.0, 2.0))
     with pytest.raises(ValueError, match="swa_scale_grid"):
         tiny(swa_c_grid=(0.1,), swa_scale_grid=(1.0, -2.0))
+
+
+# ------------------------------------------------- methods independent of each other
+def test_svi_leaves_the_models_initial_weights_alone():
+    data, cfg = _small(), tiny(methods=("svi_lowrank",))
+    model = make_model(data, cfg.hidden, cfg.seed)
+    before = {k: v.clone() for k, v in model._initial.items()}
+    alone = compare(data, None, config=cfg, quiet=True)["methods"]["svi_lowrank"]["test_ll"]
+    after = compare(data, None, model=model, quiet=True,
+                    config=tiny(methods=("svi_normal", "svi_lowrank")))["methods"]
+    assert all(model._initial[k].equal(v) for k, v in before.items())
+    assert after["svi_lowrank"]["test_ll"] == pytest.approx(alone, abs=1e-6)
+
+
+def test_a_methods_numbers_do_not_depend_on_the_methods_before_it():
+    data = _small()
+    keys = ("test_ll", "coverage_90", "loo_elpd", "loo_max_k")
+    alone = compare(data, None, config=tiny(methods=("swag",)), quiet=True)["methods"]["swag"]
+    later = compare(data, None, config=tiny(methods=("map", "svi_normal", "swag")),
+                    quiet=True)["methods"]["swag"]
+    assert {k: later[k] for k in keys} == pytest.approx({k: alone[k] for k in keys}, abs=1e-6)
+
+
+def test_a_diverged_swa_phase_keeps_the_map_and_nuts(tmp_path):
+    import pyro_swag.compare_swag as cs
+
+    calls = []
+    real = cs._pretrain
+    cs._pretrain = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        cfg = tiny(methods=("map", "swag", "swa", "nuts"), swa_c=1e6, swa_retries=1,
+                   swa_stability=None)
+        rows = compare(_small(), tmp_path / "r", config=cfg, quiet=True)["methods"]
+    finally:
+        cs._pretrain = real
+    assert rows["map"]["status"] == "ok" and rows["nuts"]["status"] == "ok"
+    for name in ("swag", "swa"):
+        assert rows[name]["status"] == "failed" and "SWA phase diverged" in rows[name]["note"]
+    assert len(calls) == 1  # pre-trained once, the failure kept rather than retrained
+
+
+def test_regression_loo_is_in_original_units(tmp_path):
+    import xarray as xr
+
+    from pyro_swag.datatree import loo
+
+    data = _small()
+    rows = compare(data, tmp_path / "r", config=tiny(methods=("swag",)), quiet=True)["methods"]
+    raw = float(loo(xr.open_datatree(tmp_path / "r" / "swag.nc", engine="h5netcdf")).elpd)
+    n = data.x_train.shape[0]
+    assert rows["swag"]["loo_elpd"] == pytest.approx(raw - n * math.log(data.y_std), rel=1e-6)
+    assert rows["swag"]["loo_elpd"] / n == pytest.approx(rows["swag"]["test_ll"], abs=1.0)
+
+
+def test_extreme_importance_ratios_give_a_real_loo_not_nan(tmp_path):
+    data = _small("digits", n=300, n_test=100)
+    out = tmp_path / "r"
+    rows = compare(data, out, config=tiny(methods=("calibrated_swag", "nuts")),
+                   quiet=True)["methods"]
+    row = rows["calibrated_swag"]
+    assert row["scale"] > 100  # ratios p/q spanning thousands of nats
+    assert math.isfinite(row["loo_elpd"]) and row["loo_max_k"] > 0.7
+    text = (out / "report.md").read_text()
+    assert "`pred_prob_err`: mean absolute difference" in text and "pred_sd_err" not in text
