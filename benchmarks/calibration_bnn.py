@@ -196,7 +196,7 @@ def _task(job: tuple) -> Path:
     name, split, recipe, seed, draws, reuse = job
     torch.set_num_threads(1)
     path = CACHE.with_name(f"calibration_bnn_swag_{name}{split}_{recipe}_s{seed}.pt")
-    config = repr(recipe_config(recipe)) + (
+    config = repr(recipe_config(recipe)) + f" draws={draws}" + (
         f" precondition={PRECONDITION} damping={DAMPING}" if recipe == "precond" else "")
     if reuse and path.exists() and torch.load(path, weights_only=True)["config"] == config:
         return path

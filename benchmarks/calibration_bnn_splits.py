@@ -43,7 +43,8 @@ def split_rows(split: int, args, nuts: dict, tally: dict) -> list[str]:
     """Table rows of one split; adds ``(met, cases)`` per (label, variant) to ``tally``."""
     data = load_dataset("diabetes", split)
     model = make_model(data)
-    jobs = [("diabetes", split, args.recipe, s, args.draws, True) for s in range(args.seeds)]
+    jobs = [("diabetes", split, args.recipe, s, args.draws, not args.rerun)
+            for s in range(args.seeds)]
     runs = [torch.load(_task(job), weights_only=True) for job in jobs]
     runs = [r for r in runs if "failed" not in r]
     if not runs:
@@ -75,6 +76,7 @@ def main() -> None:
     p.add_argument("--recipe", default="main", choices=RECIPES)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--draws", type=int, default=200)
+    p.add_argument("--rerun", action="store_true", help="ignore cached SWAG seed results")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     torch.set_num_threads(1)

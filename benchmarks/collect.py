@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         header = (
             "# Snapshot cost: pyro_swag against concatenate-and-slice\n\n"
-            "Written by `python benchmarks/collect.py` (float32, one thread, CPU; median "
+            f"Written by `{' '.join(['python', 'benchmarks/collect.py', *(argv or [])])}` "
+            "(float32, one thread, CPU; median "
             f"over {args.snapshots} steady-state snapshots; each store in its own process).\n\n"
         )
         args.out.write_text(header + text + "\n")
@@ -155,4 +156,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
