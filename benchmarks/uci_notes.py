@@ -215,7 +215,7 @@ FINDINGS = [
     "meet the published SWAG on 3 of 5 sets (boston, energy, naval) and MC dropout on 6"
     " of 9 (energy, kin8nm, naval, power, protein, yacht).",
     "- **kin8nm**: recipe A's 3000 Adam steps under-fitted; 20000 steps and c = 0.03 "
-    "(chosen on every split) give 1.243, above MC dropout's 1.14 and SVI's 1.156; "
+    "(chosen on every split) give 1.243, above MC dropout's 1.14 and SVI's 1.096–1.103; "
     "C gives 1.263 (c = 0.01 chosen on 17 of 20 splits; better than B on 18).",
     "- **concrete, boston**: recipe B changes little (concrete −3.097 against A's −3.112, "
     "boston −2.525 against −2.557; see the paired differences above). The held-out part "
