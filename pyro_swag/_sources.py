@@ -36,11 +36,21 @@ class RecordingNUTS(NUTS):
     Pyro's MCMC keeps only the indices of divergent draws; with this kernel
     :func:`to_datatree` adds ``tree_depth``, ``n_steps`` (leapfrog steps) and the per-draw
     ``step_size`` to ``sample_stats``. Only for chains run in this process (one chain, or
-    several with ``mp_context=None`` and sequential chains).
+    several with ``mp_context=None`` and sequential chains). ``chain_stats`` holds one list
+    per chain set up (Pyro sets the kernel up once per chain).
     """
 
+    chain_stats: list[list[tuple[int, int, float]]]
+
+    @property
+    def draw_stats(self) -> list[tuple[int, int, float]]:
+        """The records of the chain set up last."""
+        return self.chain_stats[-1] if getattr(self, "chain_stats", None) else []
+
     def setup(self, warmup_steps, *args, **kwargs):
-        self.draw_stats: list[tuple[int, int, float]] = []
+        if not hasattr(self, "chain_stats"):
+            self.chain_stats = []
+        self.chain_stats.append([])
         self._nest = self._depth = self._leaves = 0
         return super().setup(warmup_steps, *args, **kwargs)
 
@@ -206,9 +216,9 @@ def _mcmc_draws(mcmc: MCMC, num_chains, num_draws):
             div[i, np.asarray(diags[i]["divergences"], int)] = True
         stats["diverging"] = div[:, keep]
     kernel = mcmc.kernel
-    recorded = getattr(kernel, "draw_stats", None)
-    if recorded is not None and len(recorded) == c_all * d_all:
-        arr = np.asarray(recorded, float).reshape(c_all, d_all, 3)[:c, keep]
+    chains = (getattr(kernel, "chain_stats", None) or [])[-c_all:]  # this run's chains
+    if len(chains) == c_all and all(len(r) == d_all for r in chains):
+        arr = np.asarray(chains, float).reshape(c_all, d_all, 3)[:c, keep]
         stats["tree_depth"] = arr[..., 0].astype(int)
         stats["n_steps"] = arr[..., 1].astype(int)
         stats["step_size"] = arr[..., 2]

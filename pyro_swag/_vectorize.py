@@ -22,7 +22,7 @@ from pyro import poutine
 from pyro.distributions import Delta, Independent, Normal
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch.distributions import Distribution
 from torch.distributions.transforms import Transform
 from torch.distributions.utils import _standard_normal
@@ -200,6 +200,45 @@ def _run_vmapped(model: Callable, values: dict, args: tuple, kwargs: dict, body:
         return torch.func.vmap(one, randomness="error")(*[values[k] for k in names])
 
 
+def _followed(trace, names: set) -> bool:
+    """Whether any sample site comes after the first of ``names`` in ``trace`` (and so might
+    use its value)."""
+    seen = False
+    for name, node in trace.nodes.items():
+        if node["type"] != "sample" or site_is_subsample(node):
+            continue
+        if seen:
+            return True
+        seen = name in names
+    return False
+
+
+def _check_not_fed_forward(model, values, sampled, deferred, fixed_names, first, args, kwargs):
+    """Raise when a predicted site's value changes what follows it: the model is run again
+    with the predicted values conditioned, and its distributions and fixed sites must be
+    those of the pass with placeholders (NaN alone misses ``z > 0.5`` or ``z.bool()``)."""
+
+    def body(trace, _deferred, ret):
+        flat: list[torch.Tensor] = []
+        for name in deferred:
+            m = trace.nodes[name]
+            _flatten((m["fn"], m["args"], m["kwargs"]), flat)
+        fixed = [ret if s == "_RETURN" else trace.nodes[s]["value"] for s in fixed_names]
+        return tuple(fixed) + tuple(flat)
+
+    again = _run_vmapped(model, {**values, **sampled}, args, kwargs, body)
+
+    def same(a, b):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        return torch.allclose(a, b) if a.is_floating_point() else torch.equal(a, b)
+
+    if len(again) != len(first) or not all(map(same, first, again)):
+        raise RuntimeError(
+            "the model uses a predicted site's value (sites after it change with it)"
+        )
+
+
 def _prototype(model: Callable, args: tuple, kwargs: dict):
     """Trace the model once with prior draws, consuming the RNG as ``Predictive`` does."""
     init_model = InitMessenger(init_to_sample)(model)
@@ -310,13 +349,13 @@ def forward_draws(
         def run(p, b):
             return functional_call(net, {**p, **b}, args, kwargs)
 
-        training = net.training
+        modes = _modes(net)
         try:
             net.eval()
             with torch.no_grad():
                 outs.append(torch.func.vmap(run)(chunk, buffers))
         finally:
-            net.train(training)
+            _restore(modes)
     return torch.utils._pytree.tree_map(lambda *t: torch.cat(t), *outs)
 
 
@@ -343,7 +382,7 @@ def _refresh_norms(net, params: dict, loader) -> dict[str, torch.Tensor]:
         functional_call(net, {**p, **b, **shared}, (x,))
         return b
 
-    training = net.training
+    modes = _modes(net)
     try:
         for module, _ in saved:
             module.momentum = None
@@ -358,5 +397,15 @@ def _refresh_norms(net, params: dict, loader) -> dict[str, torch.Tensor]:
     finally:
         for module, momentum in saved:
             module.momentum = momentum
-        net.train(training)
+        _restore(modes)
     return batched
+
+
+def _modes(net) -> list:
+    """Every submodule's train/eval flag (``net.train(flag)`` would set them all alike)."""
+    return [(m, m.training) for m in net.modules()]
+
+
+def _restore(modes: list) -> None:
+    for module, training in modes:
+        module.training = training

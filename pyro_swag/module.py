@@ -17,6 +17,7 @@ rest of the Pyro workflow apply unchanged.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -224,6 +225,25 @@ class ModuleSWAG(nn.Module):
         """Restore the moments exactly; raises before anything changes on a mismatch."""
         if "_extra_state" in state_dict:
             self.set_extra_state(state_dict["_extra_state"])  # the layout check
+        buffers = ("moments.mean", "moments.m2", "moments.deviations")
+        if strict:  # torch would raise only after loading the keys that are there
+            want = {"_extra_state", "moments._extra_state"}
+            want |= set(buffers) if "moments.mean" in state_dict else set()
+            if set(state_dict) != want:
+                raise RuntimeError(
+                    f"the checkpoint lacks {sorted(want - set(state_dict))} and has unexpected "
+                    f"{sorted(set(state_dict) - want)}; pass a ModuleSWAG.state_dict() "
+                    "(or strict=False)"
+                )
+        size = sum(math.prod(shape) for _, shape in self.layout)
+        for key in buffers:
+            value = state_dict.get(key)
+            if value is not None and value.shape[-1] != size:
+                raise ValueError(
+                    f"the checkpoint's {key} has {value.shape[-1]} entries per snapshot but this "
+                    f"network has {size} parameters; load it into ModuleSWAG of the same "
+                    "architecture"
+                )
         self.moments.check_state(state_dict, "moments.", dtype=self._params()[0].dtype)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 

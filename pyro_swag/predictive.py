@@ -49,9 +49,11 @@ from torch.distributions.utils import _standard_normal
 
 from ._samples import _missing_sites, _select_sites, _shape_draws, _shaped_samples
 from ._vectorize import (
+    _check_not_fed_forward,
     _check_positive_int,
     _chunks,
     _flatten,
+    _followed,
     _map_draws,
     _num_draws,
     _numel,
@@ -269,6 +271,7 @@ def _predict_vectorized(model, values, sites, args, kwargs, chunk_size) -> dict:
         ]
         names = {m["name"] for m in deferred}
         spec["fixed"] = [s for s in sites if s not in names]
+        spec["followed"] = _followed(trace, names)
         fixed = [ret if s == "_RETURN" else trace.nodes[s]["value"] for s in spec["fixed"]]
         return tuple(fixed), tuple(flat)
 
@@ -278,9 +281,14 @@ def _predict_vectorized(model, values, sites, args, kwargs, chunk_size) -> dict:
         # placeholders of predicted sites are NaN: a NaN downstream means the model used one
         if any(t.is_floating_point() and torch.isnan(t).any() for t in (*fixed, *flat)):
             raise RuntimeError("the model uses a predicted site's value (or produced NaN)")
+        sampled = _sample_deferred(spec["deferred"], flat, c.stop - c.start)
+        if spec["followed"]:
+            _check_not_fed_forward(model, {k: v[c] for k, v in values.items()}, sampled,
+                                   [n for n, _ in spec["deferred"]], spec["fixed"],
+                                   (*fixed, *flat), args, kwargs)
         for name, value in zip(spec["fixed"], fixed):
             _put(out, name, num, c, value)
-        for name, value in _sample_deferred(spec["deferred"], flat, c.stop - c.start).items():
+        for name, value in sampled.items():
             if name in sites:
                 _put(out, name, num, c, value)
     return {s: out[s] for s in sites}

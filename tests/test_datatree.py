@@ -269,3 +269,22 @@ def test_example_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "corrected" in proc.stdout
     assert (tmp_path / "forest.png").exists()
+
+
+def test_sequential_chains_keep_every_chains_stats():
+    import os
+
+    def model(y=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 5):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=y)
+
+    chains = (os.cpu_count() or 1) + 1  # more chains than CPUs: Pyro runs them in turn
+    pyro.set_rng_seed(0)
+    y = torch.randn(5)
+    mcmc = MCMC(RecordingNUTS(model), num_samples=15, warmup_steps=10, num_chains=chains,
+                disable_progbar=True)
+    mcmc.run(y=y)
+    stats = to_datatree(mcmc, (), {"y": y})["sample_stats"]
+    assert {"tree_depth", "n_steps", "step_size"} <= set(stats.data_vars)
+    assert stats["tree_depth"].shape == (chains, 15)

@@ -242,3 +242,35 @@ def test_to_pyro_bn_per_draw_matches_refreshed_network_and_leaves_moments():
     torch.testing.assert_close(swag.moments.mean, mean, atol=0, rtol=0)
     with pytest.raises(ValueError, match="bn_per_draw=True"):
         ModuleSWAG(nn.Linear(4, 3)).to_pyro(likelihood="categorical", bn_per_draw=True)
+
+
+def test_forward_draws_keeps_each_submodules_mode():
+    from pyro_swag import forward_draws
+
+    net = bn_net()
+    net.train()
+    net[1].eval()  # a frozen BatchNorm while fine-tuning
+    modes = [m.training for m in net.modules()]
+    params = {n: p.detach().expand(2, *p.shape).clone() for n, p in net.named_parameters()}
+    forward_draws(net, params, torch.randn(5, 4), loader=[torch.randn(10, 4)])
+    assert [m.training for m in net.modules()] == modes
+    forward_draws(net, params, torch.randn(5, 4), bn_update=False)
+    assert [m.training for m in net.modules()] == modes
+
+
+def test_a_partial_or_foreign_checkpoint_changes_nothing(tmp_path):
+    net = bn_net()
+    swag = ModuleSWAG(net, rank=3)
+    trajectory(net, swag, steps=5)
+    state = swag.state_dict()
+    for bad in ({k: v for k, v in state.items() if k != "moments.m2"},
+                {**state, "junk": torch.zeros(1)}):
+        fresh = ModuleSWAG(bn_net(), rank=3)
+        with pytest.raises(RuntimeError, match="the checkpoint lacks"):
+            fresh.load_state_dict(bad)
+        assert fresh.num_snapshots == 0 and fresh.moments.mean is None
+    small = ModuleSWAG(nn.Linear(3, 2), rank=3)  # no layout to compare: sizes are checked
+    with pytest.raises(ValueError, match="has 83 entries per snapshot but this network has 8"):
+        small.load_state_dict({k: v for k, v in state.items() if k != "_extra_state"},
+                              strict=False)
+    assert small.num_snapshots == 0

@@ -554,3 +554,20 @@ def test_example_smoke():
     )
     assert proc.returncode == 0, proc.stderr
     assert "max |vectorized - sequential|" in proc.stdout
+
+
+def test_a_predicted_value_fed_forward_through_a_comparison_falls_back():
+    def model(y=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 3):
+            z = pyro.sample("z", dist.Bernoulli(0.5))  # not in the samples: predicted
+            loc = torch.where(z > 0.5, mu + 10.0, mu)  # NaN placeholders vanish here
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=y)
+
+    samples = {"mu": torch.zeros(500)}
+    pyro.set_rng_seed(0)
+    with pytest.warns(RuntimeWarning, match="uses a predicted site's value"):
+        fast = predictive(model, None, posterior_samples=samples)
+    pyro.set_rng_seed(0)
+    ref = Predictive(model, posterior_samples=samples)()
+    assert torch.equal(fast["obs"], ref["obs"]) and fast["obs"].mean() > 4
