@@ -8,6 +8,7 @@ from ._checks import is_positive_finite
 from ._minibatch import _TensorBatches
 
 ANNEAL_STRATEGIES = ("cos", "linear")
+SWA_BATCHES = ("epoch", "independent")
 
 
 def _check_int(name: str, value, low: int) -> None:
@@ -29,8 +30,13 @@ def check_fit_args(
     clip_norm,
     checkpoint_every,
     precondition_damping,
+    swa_batches="epoch",
 ) -> None:
     """Raise ``ValueError`` naming the first bad argument of ``fit`` (no state is touched)."""
+    if swa_batches not in SWA_BATCHES:
+        raise ValueError(
+            f"swa_batches must be one of {SWA_BATCHES}, got swa_batches={swa_batches!r}"
+        )
     _check_int("epochs", epochs, 1)
     _check_int("swa_start", swa_start, 0)
     if swa_start >= epochs:
@@ -89,6 +95,23 @@ def check_step_snapshots(batches, epochs: int, swa_start: int, collect_every_ste
             f"collect_every_steps={collect_every_steps} with epochs={epochs}, "
             f"swa_start={swa_start} and {per_epoch} steps per epoch collects {count} "
             f"snapshot(s); SWAG needs at least 2: lower collect_every_steps or raise epochs"
+        )
+
+
+def check_swa_batches(batches, swa_batches: str, swa_lr) -> None:
+    """Data-dependent SWA-phase checks: independent batches need tensor data, the ``"auto"``
+    rate two full batches (its noise estimate compares batches of one size)."""
+    tensors = isinstance(batches, _TensorBatches)
+    if swa_batches == "independent" and not tensors:
+        raise ValueError(
+            "swa_batches='independent' draws the batches itself and needs (x, y) tensors; for "
+            "a DataLoader use a sampler with replacement (RandomSampler(..., replacement=True))"
+        )
+    if swa_lr == "auto" and tensors and batches.n // batches.batch_size < 2:
+        raise ValueError(
+            f"swa_lr='auto' estimates gradient noise from at least 2 full batches, but "
+            f"{batches.n} rows give {batches.n // batches.batch_size} of batch_size="
+            f"{batches.batch_size}; pass a smaller batch_size or a float swa_lr"
         )
 
 

@@ -15,17 +15,25 @@ DEFAULT_BATCH = 128
 
 
 class _TensorBatches:
-    """Shuffled minibatches of a tuple of tensors, drawn from the global torch RNG."""
+    """Shuffled minibatches of a tuple of tensors, drawn from the global torch RNG: an epoch
+    is one permutation cut into batches, or (``independent``) as many batches each drawn
+    afresh without replacement, independent of each other."""
 
     def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int) -> None:
         self.tensors = tensors
         self.n = tensors[0].shape[0]
         self.batch_size = batch_size
+        self.independent = False
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)
 
     def __iter__(self):
+        if self.independent:
+            for _ in range(len(self)):
+                idx = torch.randperm(self.n)[: self.batch_size]
+                yield tuple(t[idx.to(t.device)] for t in self.tensors)
+            return
         perm = torch.randperm(self.n)
         for i in range(0, self.n, self.batch_size):
             idx = perm[i : i + self.batch_size]

@@ -149,9 +149,13 @@ def _per_example_grads(
     for site in model_tr.nodes.values():
         if site["type"] != "sample" or not site["is_observed"]:
             continue
-        lp = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
+        lp = site["fn"].log_prob(site["value"])
         if lp.dim() == 0 or lp.shape[0] != size:
             return None
+        # per-point weights (e.g. BetaNLL's) relative to their mean: the callers apply the
+        # plate's N / B factor, so a uniform scale gives weight 1
+        scale = torch.as_tensor(site["scale"], dtype=lp.dtype, device=lp.device)
+        lp = scale_and_mask(lp, scale=scale / scale.mean(), mask=site["mask"])
         terms.append(lp.reshape(size, -1).sum(-1))
     if not terms:
         return None

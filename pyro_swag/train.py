@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import _checkpoint
 from ._curvature import _check_kind
-from ._fitargs import check_fit_args, check_step_snapshots, warn_few_snapshots
+from ._fitargs import check_fit_args, check_step_snapshots, check_swa_batches, warn_few_snapshots
 from ._minibatch import _accepts, _as_args, _batches, _check_scaling, _TensorBatches
 from .autoguide import SWAGCollector, SWAGGuide
 from .precondition import (
@@ -130,6 +130,7 @@ def fit(
     resume: bool = False,
     precondition: str | Preconditioner | None = None,
     precondition_damping: float | str = "auto",
+    swa_batches: str = "epoch",
 ) -> FitResult:
     """Train ``collector`` on ``data`` with the SWAG recipe and return the SWAG posterior.
 
@@ -199,6 +200,11 @@ def fit(
         :math:`\\epsilon |\\lambda|_{\\max}(P A_1)/(1-\\mu) \\le 0.5`
         (:func:`pyro_swag.precondition.choose_preconditioner`): ``1e-3`` on well-determined
         models, larger for networks with a rank-deficient Fisher (see docs/calibration.md).
+    swa_batches : {"epoch", "independent"}
+        SWA-phase minibatches of tensor data: ``"epoch"`` cuts one permutation per epoch
+        (the noise of an epoch sums to zero, so the iterates spread less than the rate
+        rules assume, by far more with momentum); ``"independent"`` draws each batch afresh,
+        as the derivations of ``swa_lr="auto"`` and ``precondition`` assume.
 
     Returns
     -------
@@ -213,7 +219,7 @@ def fit(
         anneal_epochs=anneal_epochs, anneal_strategy=anneal_strategy, anneal_from=anneal_from,
         collect_every=collect_every, collect_every_steps=collect_every_steps,
         clip_norm=clip_norm, checkpoint_every=checkpoint_every,
-        precondition_damping=precondition_damping,
+        precondition_damping=precondition_damping, swa_batches=swa_batches,
     )
     pre = precondition if isinstance(precondition, Preconditioner) else None
     kind = pre.kind if pre else (precondition and _check_kind(precondition))
@@ -221,6 +227,7 @@ def fit(
         raise ValueError("resume=True needs checkpoint=PATH, the file to resume from")
     batches, n = _batches(data, batch_size, num_data)
     check_step_snapshots(batches, epochs, swa_start, collect_every_steps)
+    check_swa_batches(batches, swa_batches, swa_lr)
     if seed is not None:
         pyro.set_rng_seed(seed)
     clip = {} if clip_norm is None else {"clip_norm": float(clip_norm)}
@@ -253,6 +260,12 @@ def fit(
         "collect_every": collect_every,
         "collect_every_steps": collect_every_steps,
         "num_data": n,
+        # the SWA phase's settings: a resumed run must not mix them with others
+        "swa_lr": swa_lr,
+        "swa_momentum": float(swa_momentum),
+        "batch_size": batch_size,
+        "anneal": [anneal_epochs, anneal_strategy, anneal_from],
+        "swa_batches": swa_batches,
     }
     if kind:
         config["precondition"] = kind
@@ -287,6 +300,8 @@ def fit(
     try:
         for epoch in range(start, epochs):
             swa = epoch >= swa_start
+            if isinstance(batches, _TensorBatches):
+                batches.independent = swa and swa_batches == "independent"
             if swa and swa_optim is None:
                 if kind and pre is None:
                     epoch_batches = [_as_args(b) for b in batches]
@@ -328,6 +343,8 @@ def fit(
                         f"the loss became {loss} in epoch {epoch} (phase "
                         f"{'swa' if swa else 'pretrain'}); lower the learning rate or set clip_norm"
                         + (" or raise precondition_damping" if swa and pre else "")
+                        + "; the collector now holds the diverged point: build a new "
+                        "SWAGCollector (or resume from a checkpoint) before retrying"
                     )
                 total, count = total + loss, count + 1
                 if swa and collect_every_steps:

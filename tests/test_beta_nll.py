@@ -169,3 +169,27 @@ def test_fit_checks_the_mean_of_beta_nll_per_point_scale():
                                          "instead of 5: the model does not declare"):
         fit(bad, SWAGCollector(bad), (x, y), epochs=4, swa_start=2, swa_lr=1e-3, batch_size=20,
             quiet=True)
+
+
+def test_gradient_noise_weights_each_point_by_its_beta_nll_weight():
+    """Per-example gradients carry BetaNLL's per-point weights (relative to their mean)."""
+    from pyro_swag import SWAGCollector
+    from pyro_swag.lr import _per_example_grads
+
+    def model(x, y=None, num_data=None):
+        m = pyro.sample("m", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", size=num_data or x.shape[0], subsample=torch.arange(len(x))):
+            pyro.sample("obs", dist.Normal(m, x), obs=y)  # x: a per-point sd
+
+    x = torch.tensor([0.1, 0.5, 1.0, 4.0])
+    y = torch.tensor([0.3, -0.2, 1.0, 2.0])
+    weights = {0.0: torch.ones(4), 1.0: x**2 / (x**2).mean()}  # sd^(2 beta), mean 1
+    for beta, weight in weights.items():
+        pyro.clear_param_store()
+        wrapped = BetaNLL(beta)(model)
+        collector = SWAGCollector(wrapped)
+        collector(x, y, num_data=40)
+        grads = _per_example_grads(wrapped, collector, (x, y), 40)[:, 0]
+        m = float(collector.loc.detach())
+        plain = (y - m) / x**2  # d/dm log N(y | m, x)
+        torch.testing.assert_close(grads, plain * weight)

@@ -191,3 +191,23 @@ def test_num_data_arg_names_the_models_keyword():
         gradient_noise(model_n, collector, data, num_data=N)  # the default keyword
     with pytest.raises(TypeError, match="num_data_arg must be a str or None, got num_data_arg=3"):
         gradient_noise(model_n, collector, data, num_data=N, num_data_arg=3)
+
+
+@pytest.mark.parametrize("swa_batches", ["epoch", "independent"])
+def test_fit_at_the_auto_rate_with_momentum_needs_independent_batches(swa_batches):
+    """Through ``fit`` (momentum 0.9, one snapshot per epoch): independent batches give
+    Tr(A Sigma) ~ D as derived; reshuffled epochs cancel most of an epoch's noise."""
+    from pyro_swag.train import fit
+
+    x, y = make_data(1)
+    hessian = torch.eye(D) / PRIOR**2 + x.T @ x / SIGMA**2
+    pyro.clear_param_store()
+    collector = SWAGCollector(model, rank=2)
+    guide, _ = fit(model, collector, (x, y), epochs=460, swa_start=60, swa_lr="auto",
+                   batch_size=B, swa_batches=swa_batches, seed=0, quiet=True)
+    ratio = float(torch.trace(hessian @ torch.diag(collector.moments.variance()))) / D
+    # the diagonal of Sigma against the full A: compare the same quantity for both modes
+    if swa_batches == "independent":
+        assert 0.6 < ratio < 1.6
+    else:
+        assert ratio < 0.45

@@ -270,6 +270,9 @@ def test_num_data_arg_reaches_the_rate_and_curvature_estimates(kw):
                            "clip_norm=-1.0"),
     (dict(clip_norm=float("nan")), "got clip_norm=nan"),
     (dict(clip_norm=0.0), "got clip_norm=0.0"),
+    (dict(swa_batches="iid"), r"swa_batches must be one of \('epoch', 'independent'\)"),
+    (dict(swa_lr="auto", batch_size=150), "swa_lr='auto' estimates gradient noise from at "
+                                          "least 2 full batches, but 200 rows give 1"),
 ])
 def test_swa_phase_arguments_are_checked_before_any_training(bad, match):
     x, y = make_data()
@@ -280,11 +283,11 @@ def test_swa_phase_arguments_are_checked_before_any_training(bad, match):
         collector.loc.copy_(torch.tensor([0.3, -0.2, 0.1]))
     before = collector.loc.detach().clone()
     with pytest.raises(ValueError, match=match):
-        fit(linreg, collector, (x, y), **kw, **bad)
+        fit(linreg, collector, (x, y), **{**kw, **bad})
     assert torch.equal(collector.loc.detach(), before) and collector.num_snapshots == 0
     fresh = SWAGCollector(linreg)
     with pytest.raises(ValueError, match=match):
-        fit(linreg, fresh, (x, y), **kw, **bad)
+        fit(linreg, fresh, (x, y), **{**kw, **bad})
     assert fresh.prototype_trace is None  # not even set up
 
 
@@ -337,3 +340,24 @@ def test_loader_num_data_must_be_a_positive_int(num_data):
 def test_bayesian_mlp_refuses_bad_arguments_at_construction(kw, match):
     with pytest.raises(ValueError, match=match):
         BayesianMLP(2, **{"out_features": 1, **kw})
+
+
+def test_independent_batches_need_tensor_data():
+    x, y = make_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=20)
+    with pytest.raises(ValueError, match="swa_batches='independent' .* needs \\(x, y\\) tensors"):
+        fit(linreg, SWAGCollector(linreg), loader, epochs=4, swa_start=2, swa_lr=0.01,
+            swa_batches="independent", quiet=True)
+
+
+def test_resume_with_other_swa_settings_is_refused(tmp_path):
+    x, y = make_data()
+    ckpt = tmp_path / "fit.pt"
+    kw = dict(epochs=6, swa_start=2, batch_size=32, seed=0, quiet=True, checkpoint=ckpt)
+    fit(linreg, SWAGCollector(linreg, rank=4), (x, y), swa_lr=0.02,
+        callback=lambda epoch, h: epoch == 3, **kw)
+    for other in (dict(swa_lr=0.002), dict(swa_lr=0.02, swa_momentum=0.5),
+                  dict(swa_lr=0.02, swa_batches="independent")):
+        pyro.clear_param_store()
+        with pytest.raises(ValueError, match="resume with the same arguments"):
+            fit(linreg, SWAGCollector(linreg, rank=4), (x, y), resume=True, **{**kw, **other})
