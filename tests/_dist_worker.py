@@ -39,7 +39,7 @@ def make_collector(
     rank: int = RANK,
     dtype: torch.dtype = torch.float32,
 ) -> SWAGCollector:
-    pyro.clear_param_store()  # collectors share the param name "AutoSWAGCollector.loc"
+    pyro.clear_param_store()  # collectors share the param name "SWAGCollector.loc"
     torch.manual_seed(seed)
     model = BayesianMLP(1, hidden=(8,), noise=0.3).to(dtype)
     init = model.init_loc_fn()
