@@ -146,12 +146,11 @@ def check_runs(swag_group, runs_group, num_snapshots: int) -> None:
               else dist.get_process_group_ranks(swag_group))
     flags = torch.tensor([num_snapshots, -int(mine != theirs)], device=comm_device(None))
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    if int(flags[1]):
-        where = f"swag trains on ranks {theirs} but this rank's run is ranks {mine}" if (
-            mine != theirs) else "a trajectory on another rank is not trained on its run"
+    if int(flags[1]):  # raised on every rank; the details are those of this rank
         raise ValueError(
-            f"{where}; build DistributedSWAG(..., group=runs.group) with the Runs from "
-            "split_runs"
+            f"a trajectory is not trained on its run's group (here: swag on ranks {theirs}, "
+            f"run on ranks {mine}); build DistributedSWAG(..., group=runs.group) with the "
+            "Runs from split_runs"
         )
     if int(flags[0]) < 2:
         raise RuntimeError(

@@ -40,16 +40,11 @@ class RecordingNUTS(NUTS):
     per chain set up (Pyro sets the kernel up once per chain).
     """
 
-    chain_stats: list[list[tuple[int, int, float]]]
-
-    @property
-    def draw_stats(self) -> list[tuple[int, int, float]]:
-        """The records of the chain set up last."""
-        return self.chain_stats[-1] if getattr(self, "chain_stats", None) else []
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.chain_stats: list[list[tuple[int, int, float]]] = []
 
     def setup(self, warmup_steps, *args, **kwargs):
-        if not hasattr(self, "chain_stats"):
-            self.chain_stats = []
         self.chain_stats.append([])
         self._nest = self._depth = self._leaves = 0
         return super().setup(warmup_steps, *args, **kwargs)
@@ -71,7 +66,7 @@ class RecordingNUTS(NUTS):
         step_size = float(self.step_size)
         out = super().sample(params)
         if self._t > self._warmup_steps:
-            self.draw_stats.append((self._depth, self._leaves, step_size))
+            self.chain_stats[-1].append((self._depth, self._leaves, step_size))
         return out
 
 

@@ -434,9 +434,8 @@ def bn_net():
     )
 
 
-def reference_loop(net, params, x, loader):
-    """The reference implementation's way: load each draw, update_bn, forward in eval."""
-    outs = []
+def refreshed_draws(net, params, loader):
+    """A copy of ``net`` per draw, loaded with it and (``loader``) its BN stats refreshed."""
     for s in range(next(iter(params.values())).shape[0]):
         work = copy.deepcopy(net)
         with torch.no_grad():
@@ -444,6 +443,13 @@ def reference_loop(net, params, x, loader):
                 p.copy_(params[name][s])
         if loader is not None:
             update_bn(loader, work)
+        yield work
+
+
+def reference_loop(net, params, x, loader):
+    """The reference implementation's way: load each draw, update_bn, forward in eval."""
+    outs = []
+    for work in refreshed_draws(net, params, loader):
         work.eval()
         with torch.no_grad():
             outs.append(work(x))
@@ -485,12 +491,7 @@ def dropout_bn_net(dropout_first):
 def update_bn_buffers(net, params, loader):
     """Per-draw ``update_bn`` loop: {buffer name: (S, ...)} of the BatchNorm statistics."""
     rows = []
-    for s in range(next(iter(params.values())).shape[0]):
-        work = copy.deepcopy(net)
-        with torch.no_grad():
-            for name, p in work.named_parameters():
-                p.copy_(params[name][s])
-        update_bn(loader, work)
+    for work in refreshed_draws(net, params, loader):
         rows.append({k: v for k, v in work.state_dict().items() if "running" in k})
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
