@@ -41,7 +41,12 @@ def restore(path, config: dict, collector, optim) -> dict[str, Any]:
     ``history``, ``epoch`` and ``swa_steps``.
     """
     state = torch.load(path, weights_only=True, map_location=collector.loc.device)
-    if state.get("format") != FORMAT or state["config"] != config:
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(
+            f"checkpoint {os.fspath(path)!r} is not a pyro_swag.fit checkpoint (format "
+            f"{FORMAT!r}); pass checkpoint= a path fit() may write to, or delete the file"
+        )
+    if state["config"] != config:
         raise ValueError(
             f"checkpoint {os.fspath(path)!r} was written with {state.get('config')}, "
             f"not {config}; resume with the same arguments or delete the file"

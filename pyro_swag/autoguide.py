@@ -27,27 +27,15 @@ from typing import Any
 
 import pyro.distributions as dist
 import torch
-from pyro.infer.autoguide import AutoContinuous, AutoLaplaceApproximation
+from pyro.infer.autoguide import AutoLaplaceApproximation
 from pyro.infer.autoguide.guides import prototype_hide_fn
 from pyro.infer.autoguide.initialization import init_to_median
 
+from ._checks import is_positive_finite
+from ._fitted import FittedContinuous, _adopt_prototype, _check_layout, _layout
 from .moments import SWAGMoments
 
 __all__ = ["FittedContinuous", "SWAGCollector", "SWAGGuide"]
-
-
-def _layout(guide: AutoContinuous) -> list[tuple[str, tuple[int, ...]]]:
-    """Site names and unconstrained shapes, in the order they are packed."""
-    return [(name, tuple(shape)) for name, shape in guide._unconstrained_shapes.items()]
-
-
-def _check_layout(expected: list, found: list, what: str) -> None:
-    expected = [(n, tuple(s)) for n, s in expected]
-    if expected != found:
-        raise ValueError(
-            f"the model's latent structure changed: {what} has sites {expected} but the model "
-            f"now has {found}; use the model the {what} was built from"
-        )
 
 
 class SWAGCollector(AutoLaplaceApproximation):
@@ -66,7 +54,8 @@ class SWAGCollector(AutoLaplaceApproximation):
     init_loc_fn : callable
         Per-site initialisation, see :mod:`pyro.infer.autoguide.initialization`.
     min_var : float
-        Lower clamp of the diagonal variance.
+        Lower clamp of the diagonal variance, > 0 (the guide's Gaussian needs every variance
+        positive).
     deviation_dtype : torch.dtype, optional
         Storage dtype of the deviation buffer (e.g. ``torch.bfloat16``).
     moments_device : torch.device or str, optional
@@ -83,11 +72,24 @@ class SWAGCollector(AutoLaplaceApproximation):
         deviation_dtype: torch.dtype | None = None,
         moments_device: torch.device | str | None = None,
     ) -> None:
+        if not is_positive_finite(min_var):
+            raise ValueError(
+                f"min_var must be a positive finite number, got min_var={min_var!r}; the guide's "
+                "Gaussian needs every variance > 0 (the default is 1e-30)"
+            )
         moments = SWAGMoments(rank, min_var, deviation_dtype, moments_device)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self.moments = moments
+        #: Names of the model's observed sites, recorded when the layout is set up.
+        self.observed: list[str] | None = None
+
+    def _prototype_hide_fn(self, msg: dict) -> bool:
+        if msg["type"] == "sample" and msg["is_observed"] and self.observed is not None:
+            self.observed.append(msg["name"])
+        return prototype_hide_fn(msg)
 
     def _setup_prototype(self, *args, **kwargs) -> None:
+        self.observed = []
         super()._setup_prototype(*args, **kwargs)
         self.loc = torch.nn.Parameter(self._init_loc())
 
@@ -142,7 +144,7 @@ class SWAGCollector(AutoLaplaceApproximation):
         self.moments.update(latent)
 
     def swag_guide(self, scale: float = 1.0, diagonal: bool = False) -> SWAGGuide:
-        """Freeze the collected moments into a :class:`SWAGGuide` (a copy)."""
+        """Freeze the collected moments into a :class:`SWAGGuide` (a copy), set up already."""
         self._require_setup("swag_guide()")
         if self.num_snapshots < 2:
             raise RuntimeError(
@@ -158,12 +160,9 @@ class SWAGCollector(AutoLaplaceApproximation):
             scale=scale,
             diagonal=diagonal,
             layout=_layout(self),
+            observed=self.observed,
         )
-        for attr in ("prototype_trace", "_unconstrained_shapes", "_cond_indep_stacks"):
-            setattr(guide, attr, getattr(self, attr))
-        guide._prototype_frames = dict(self._prototype_frames)
-        guide.latent_dim = self.latent_dim
-        return guide
+        return _adopt_prototype(guide, self)
 
     # ------------------------------------------------------------- persistence
     def get_extra_state(self) -> dict[str, Any]:
@@ -174,40 +173,36 @@ class SWAGCollector(AutoLaplaceApproximation):
         _check_layout(state["layout"], _layout(self), "checkpoint")
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Restore a collector exactly; its model must have been set up (called) first."""
+        """Restore a collector exactly; its model must have been set up (called) first.
+
+        Every key is checked before anything changes; with ``strict=False`` a missing
+        ``loc`` keeps the current point and unknown keys are reported, not refused.
+        """
         self._require_setup("load_state_dict()")
+        known = {"loc", "_extra_state"} | {
+            f"moments.{k}" for k in ("_extra_state", "mean", "m2", "deviations")
+        }
+        unexpected = sorted(set(state_dict) - known)
+        missing = sorted({"loc", "_extra_state"} - set(state_dict))
+        if (strict and (missing or unexpected)) or "_extra_state" in missing:
+            raise ValueError(
+                f"state_dict lacks {missing} and has unexpected keys {unexpected}; pass the "
+                "output of SWAGCollector.state_dict()"
+            )
         _check_layout(state_dict["_extra_state"]["layout"], _layout(self), "checkpoint")
         self.moments.check_state(state_dict, "moments.", dtype=self.loc.dtype)
-        with torch.no_grad():
-            self.loc.copy_(state_dict["loc"])  # in place: optimiser state stays attached
-        rest = {k: v for k, v in state_dict.items() if k != "loc"}
-        return super().load_state_dict(rest, strict=False, assign=assign)
-
-
-class FittedContinuous(AutoContinuous):
-    """Base of guides fitted elsewhere whose latent layout is known (``self.layout``).
-
-    Sites outside the layout (observed sites called with ``obs=None``, as in
-    ``Predictive(model, guide)(x)``) are not latents of the guide, and a model whose latent
-    sites differ from the layout is refused. Setting up never shifts the random stream.
-    """
-
-    layout: list | None = None
-
-    def _prototype_hide_fn(self, msg: dict) -> bool:
-        names = {name for name, _ in self.layout or ()}
-        return prototype_hide_fn(msg) or bool(names and msg["name"] not in names)
-
-    def _setup_prototype(self, *args, **kwargs) -> None:
-        with torch.random.fork_rng():
-            super()._setup_prototype(*args, **kwargs)
-        if self.layout is not None:
-            _check_layout(self.layout, _layout(self), "the fitted guide")
-        if self.latent_dim != self.loc.shape[-1]:
+        loc = state_dict.get("loc")
+        if loc is not None and loc.shape != self.loc.shape:
             raise ValueError(
-                f"the model has {self.latent_dim} unconstrained latent entries but the guide "
-                f"was fitted on {self.loc.shape[-1]}; use the model it was fitted on"
+                f"the checkpoint's loc has shape {tuple(loc.shape)}, expected "
+                f"{tuple(self.loc.shape)}; the checkpoint belongs to another model"
             )
+        if loc is not None:
+            with torch.no_grad():
+                self.loc.copy_(loc)  # in place: optimiser state stays attached
+        rest = {k: v for k, v in state_dict.items() if k in known - {"loc"}}
+        result = super().load_state_dict(rest, strict=False, assign=assign)
+        return result._replace(missing_keys=missing, unexpected_keys=unexpected)
 
 
 class SWAGGuide(FittedContinuous):
@@ -225,7 +220,9 @@ class SWAGGuide(FittedContinuous):
     variance : torch.Tensor
         Diagonal variance ``Sigma_diag`` (P,).
     deviations : torch.Tensor
-        Deviation rows ``D^T`` (K', P); may be empty for SWAG-Diag.
+        Deviation rows ``D^T`` (K', P), possibly in a lower-precision dtype; ``(0, P)`` for
+        none, which with ``diagonal=False`` leaves the covariance ``scale/2 * Sigma_diag``
+        (SWAG-Diag needs ``diagonal=True``).
     scale : float
         Multiplier of the covariance; may be changed later (``guide.scale = 0.5``).
     diagonal : bool
@@ -233,6 +230,8 @@ class SWAGGuide(FittedContinuous):
     layout : list of (str, tuple), optional
         Site names and unconstrained shapes, checked against the model when the guide
         first runs.
+    observed : list of str, optional
+        Names of the model's observed sites (see :class:`FittedContinuous`).
     """
 
     def __init__(
@@ -244,8 +243,17 @@ class SWAGGuide(FittedContinuous):
         scale: float = 1.0,
         diagonal: bool = False,
         layout: list | None = None,
+        observed: list[str] | None = None,
     ) -> None:
         super().__init__(model)
+        for name, value in (("loc", loc), ("variance", variance), ("deviations", deviations)):
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+                got = f"dtype={value.dtype}" if isinstance(value, torch.Tensor) else type(
+                    value).__name__
+                raise TypeError(
+                    f"{name} must be a floating-point torch.Tensor, got {got}; pass e.g. the "
+                    "collector's SWAGMoments tensors"
+                )
         if (loc.dim() != 1 or variance.shape != loc.shape or deviations.dim() != 2
                 or deviations.shape[-1:] != loc.shape):
             raise ValueError(
@@ -253,17 +261,30 @@ class SWAGGuide(FittedContinuous):
                 f"{tuple(deviations.shape)} must be (P,), (P,) and (K, P); pass "
                 f"deviations=torch.zeros(0, P) for none"
             )
-        if not bool(torch.isfinite(variance).all()) or bool((variance < 0).any()):
-            raise ValueError(
-                "variance must be finite and >= 0 in every entry; pass the diagonal variance "
-                "Sigma_diag, e.g. SWAGMoments.variance()"
+        if variance.dtype != loc.dtype:
+            raise TypeError(
+                f"variance has dtype={variance.dtype} but loc has dtype={loc.dtype}; convert "
+                f"it with .to({loc.dtype})"
             )
+        if not (bool(torch.isfinite(loc).all()) and bool(torch.isfinite(deviations).all())):
+            raise ValueError(
+                "loc and deviations must be finite in every entry; the trajectory they came "
+                "from diverged"
+            )
+        if not bool(torch.isfinite(variance).all()) or not bool((variance > 0).all()):
+            raise ValueError(
+                "variance must be finite and > 0 in every entry; pass the diagonal variance "
+                "Sigma_diag, e.g. SWAGMoments.variance() with min_var > 0"
+            )
+        if not isinstance(diagonal, bool):
+            raise TypeError(f"diagonal must be True or False, got diagonal={diagonal!r}")
         self.register_buffer("loc", loc)
         self.register_buffer("variance", variance)
         self.register_buffer("deviations", deviations)
         self.scale = scale
-        self.diagonal = bool(diagonal)
+        self.diagonal = diagonal
         self.layout = layout
+        self.observed = None if observed is None else list(observed)
         #: How ``scale`` was chosen (a plain dict from :mod:`pyro_swag.calibrate`), or None.
         self.calibration: dict | None = None
 
@@ -273,8 +294,10 @@ class SWAGGuide(FittedContinuous):
 
     @scale.setter
     def scale(self, value: float) -> None:
-        if not (isinstance(value, (int, float)) and value > 0 and value < float("inf")):
-            raise ValueError(f"scale must be a positive finite number, got scale={value!r}")
+        if not is_positive_finite(value):
+            raise ValueError(
+                f"scale must be a positive finite number, got scale={value!r}; e.g. scale=1.0"
+            )
         self._scale = float(value)
 
     @property
@@ -315,6 +338,7 @@ class SWAGGuide(FittedContinuous):
             "scale": self.scale,
             "diagonal": self.diagonal,
             "layout": self.layout,
+            "observed": self.observed,
             "calibration": self.calibration,
         }
 
@@ -322,6 +346,7 @@ class SWAGGuide(FittedContinuous):
         self.scale = state["scale"]
         self.diagonal = bool(state["diagonal"])
         self.layout = state["layout"]
+        self.observed = state.get("observed")
         self.calibration = state.get("calibration")
 
     @classmethod
@@ -344,6 +369,7 @@ class SWAGGuide(FittedContinuous):
             scale=extra["scale"],
             diagonal=extra["diagonal"],
             layout=[(n, tuple(s)) for n, s in extra["layout"]] if extra["layout"] else None,
+            observed=extra.get("observed"),
         )
         guide.calibration = extra.get("calibration")
         return guide

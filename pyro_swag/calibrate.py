@@ -19,7 +19,7 @@ the constraining transforms):
   exact entropy; needs no held-out data;
 * ``"psis"`` — Pareto-smoothed importance sampling of :math:`w = p(\theta, y) / q_s(\theta)`:
   the chosen scale maximises the PSIS effective sample size among scales with Pareto
-  :math:`\hat k \le 0.7` (the smallest :math:`\hat k` if none qualifies).
+  :math:`\hat k \le 0.7` (the guide's current scale, with a warning, if none qualifies).
 
 Each search evaluates a log-spaced grid (extended by factors of 2 while the best value sits at
 an end of it), then refines around the best grid point by golden-section search in
@@ -31,6 +31,7 @@ saved in the guide's ``state_dict`` and exported to DataTree attributes).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -120,18 +121,29 @@ def _psis(log_p: torch.Tensor, log_q: torch.Tensor) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------ search
-def _check(guide, scales, num_samples) -> list[float]:
+def _is_int(value, low: int) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+
+
+def _check(guide, scales, num_samples, refine_iters: int = 0) -> list[float]:
     if not isinstance(guide, SWAGGuide):
         raise TypeError(
             f"guide must be a SWAGGuide (a Gaussian with a settable scale), got "
             f"{type(guide).__name__}; make one with collector.swag_guide()"
         )
-    if not (isinstance(num_samples, int) and num_samples >= 2):
+    if not _is_int(num_samples, 2):
         raise ValueError(f"num_samples must be an int >= 2, got num_samples={num_samples!r}")
+    if not _is_int(refine_iters, 0):
+        raise ValueError(f"refine_iters must be an int >= 0, got refine_iters={refine_iters!r}")
+    if scales is not None and not isinstance(scales, (list, tuple, torch.Tensor)):
+        raise TypeError(
+            f"scales must be a list of scales, got scales={scales!r}; e.g. scales=[{scales!r}]"
+        )
     scales = default_scales() if scales is None else [float(s) for s in scales]
     if not scales or not all(0 < s < math.inf for s in scales):
         raise ValueError(
-            f"scales must be a non-empty list of positive finite numbers, got scales={scales}"
+            f"scales must be a non-empty list of positive finite numbers, got scales={scales}; "
+            "omit it for the default grid"
         )
     return sorted(set(scales))
 
@@ -171,6 +183,13 @@ def _search(objective: Callable[[float], float], scales: list[float], refine: bo
             break
     scales = sorted(values)
     i = scales.index(best())
+    if len(scales) > 1 and i in (0, len(scales) - 1):
+        warnings.warn(
+            f"the best scale, {scales[i]:.3g}, is the {'smallest' if i == 0 else 'largest'} "
+            f"one evaluated: the criterion may still improve beyond it; pass a wider scales= "
+            + ("grid" if refine else "grid or refine=True (which extends the grid)"),
+            stacklevel=3,
+        )
     if refine and 0 < i < len(scales) - 1:
         lo, hi = math.log(scales[i - 1]), math.log(scales[i + 1])
         a, b = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
@@ -251,7 +270,8 @@ def calibrate_validation(
     Calibration
         ``curve["log_likelihood"]`` in nats per validation point.
     """
-    grid = _check(guide, scales, num_samples)
+    grid = _check(guide, scales, num_samples, refine_iters)
+    num_samples = int(num_samples)
     draws = _Draws(guide, num_samples, args, kwargs)
 
     def lppd(s: float) -> float:
@@ -286,7 +306,8 @@ def calibrate_elbo(
     parameters as in :func:`calibrate_validation`; ``curve`` holds ``elbo`` and its Monte
     Carlo standard error ``elbo_se`` (the entropy term is exact).
     """
-    grid = _check(guide, scales, num_samples)
+    grid = _check(guide, scales, num_samples, refine_iters)
+    num_samples = int(num_samples)
     draws = _Draws(guide, num_samples, args, kwargs)
     se: dict[float, float] = {}
 
@@ -324,6 +345,7 @@ def calibrate_psis(
     fitted to ``num_samples // 5`` draws and needs 5).
     """
     grid = sorted(set(_check(guide, scales, num_samples)) | {guide.scale})
+    num_samples = int(num_samples)
     if num_samples < PSIS_MIN_SAMPLES:
         raise ValueError(
             f"calibrate_psis needs num_samples >= {PSIS_MIN_SAMPLES} (PSIS fits its Pareto tail "
@@ -363,4 +385,10 @@ def calibrate(model: Callable, guide: SWAGGuide, *args, method: str = "elbo", **
     funcs = {"validation": calibrate_validation, "elbo": calibrate_elbo, "psis": calibrate_psis}
     if method not in funcs:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
+    unused = sorted({"refine", "refine_iters"} & set(kwargs)) if method == "psis" else []
+    if unused:
+        raise TypeError(
+            f"method='psis' does not refine its grid (k-hat is not smooth in the scale), so "
+            f"{unused} would reach the model; drop {', '.join(unused)}"
+        )
     return funcs[method](model, guide, *args, **kwargs)

@@ -82,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"argument --threads: must be >= 1, got {args.threads}")
+    if args.data_dir is not None and not args.uci:
+        parser.error(f"argument --data-dir: only used with --uci NAME, got --dataset "
+                     f"{args.dataset}; drop --data-dir or pass --uci")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -93,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = f"uci:{args.uci}" if args.uci else args.dataset
         summary = compare(name, args.out, config=config, split=args.split,
                           data_dir=args.data_dir, quiet=args.quiet)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError) as err:
         print(f"pyro-swag compare: error: {err}", file=sys.stderr)
         return 2
     if not args.quiet:

@@ -13,10 +13,7 @@ The model contract is the one of :class:`~pyro_swag.models.BayesianMLP`:
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -173,6 +170,8 @@ class CompareConfig:
             raise ValueError(
                 f"methods={list(self.methods)} has unknown {unknown}; choose from {METHODS}"
             )
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods={list(self.methods)} names a method twice; name each once")
         for name in ("batch_size", "pretrain_steps", "swa_snapshots", "rank", "num_samples",
                      "multiswag_runs", "svi_steps", "nuts_samples", "max_collect_every"):
             value = getattr(self, name)
@@ -259,18 +258,6 @@ class CompareConfig:
             )
 
 
-def _json_safe(value):
-    """``value`` with every NaN or infinite float replaced by ``None`` (strict JSON)."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, (str, bool, int)):
-        return value
-    value = float(value)  # floats, numpy and 0-d torch scalars
-    return value if math.isfinite(value) else None
-
-
 def quick_config(**overrides) -> CompareConfig:
     """Tiny settings for smoke runs and tests (every method, seconds instead of minutes)."""
     values = dict(
@@ -293,21 +280,6 @@ def make_model(data: Dataset, hidden: Sequence[int] = (50,), seed: int = 0,
     noise = HETEROSCEDASTIC if heteroscedastic else None
     return BayesianMLP(data.in_features, data.out_features, tuple(hidden), data.likelihood,
                        noise=noise)
-
-
-_OUTPUTS = ("results.json", "report.md", "predictive.png", "calibration.png", "forest.png",
-            *(f"{m}.nc" for m in METHODS))
-
-
-def _move_into(tmp: Path, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name in _OUTPUTS:  # a previous report's files go (its completion marker first)
-        (out / name).unlink(missing_ok=True)
-    for item in sorted(tmp.iterdir(), key=lambda p: p.name == "results.json"):
-        target = out / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        shutil.move(str(item), str(target))
 
 
 def compare(
@@ -355,6 +327,7 @@ def compare(
         data = load_dataset(data, split, data_dir=data_dir)  # bad input fails before any file
     if not isinstance(data, Dataset):
         raise TypeError(f"data must be a Dataset or a dataset name, got data={type(data).__name__}")
+    out = None if out_dir is None else report.check_out_dir(out_dir)  # before any fitting
     if model is None:
         model = make_model(data, config.hidden, config.seed, config.heteroscedastic)
         if model_factory is None:
@@ -382,16 +355,6 @@ def compare(
     summary, evals = report.summarise(model, data, results, config)
     summary["config"] = {k: list(v) if isinstance(v, tuple) else v
                          for k, v in asdict(config).items()}
-    if out_dir is None:
-        return summary
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        report.write_outputs(tmp, model, data, results, summary, evals)
-        text = json.dumps(_json_safe(summary), indent=2, allow_nan=False)
-        (tmp / "results.json").write_text(text)
-        _move_into(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if out is not None:
+        report.save(out, model, data, results, summary, evals)
     return summary

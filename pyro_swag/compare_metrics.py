@@ -17,6 +17,8 @@ import math
 import torch
 from pyro import poutine
 
+from .multiswag import mixture_quantile
+
 __all__ = ["agreement", "pointwise", "scores"]
 
 
@@ -50,19 +52,6 @@ def pointwise(model, draws: dict[str, torch.Tensor], x, y, likelihood: str) -> d
         else:
             out["probs"].append(base.probs.reshape(y.shape[0], -1))
     return {k: torch.stack(v) for k, v in out.items() if v}
-
-
-def _mixture_quantile(mean, sd, q: float, iters: int = 60) -> torch.Tensor:
-    """Quantile ``q`` of the per-point mixture of Normals ``(S, N)`` by bisection."""
-    lo = (mean - 10 * sd).min(0).values
-    hi = (mean + 10 * sd).max(0).values
-    normal = torch.distributions.Normal(mean, sd)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        below = normal.cdf(mid.expand_as(mean)).mean(0) < q
-        lo = torch.where(below, mid, lo)
-        hi = torch.where(below, hi, mid)
-    return (lo + hi) / 2
 
 
 def _ece(probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
@@ -101,7 +90,7 @@ def scores(terms: dict, data, y: torch.Tensor) -> dict:
         sd = var.sqrt()
         for level in (0.9, 0.95):
             a = (1 - level) / 2
-            lo, hi = _mixture_quantile(mean, sd, a), _mixture_quantile(mean, sd, 1 - a)
+            lo, hi = mixture_quantile(mean, sd, a), mixture_quantile(mean, sd, 1 - a)
             out[f"coverage_{round(level * 100)}"] = float(((y >= lo) & (y <= hi)).float().mean())
         out["_mean"], out["_sd"] = mix_mean, mix_var.clamp_min(0).sqrt()
         out["_pit"] = torch.distributions.Normal(mean, sd).cdf(y).mean(0)

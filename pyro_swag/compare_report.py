@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
 import platform
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
 import pyro
 import torch
 
-from .compare_methods import LABELS
+from .compare_methods import LABELS, METHODS
 from .compare_metrics import agreement, pointwise, scores
 
 __all__ = ["summarise", "write_outputs"]
@@ -189,3 +192,56 @@ def write_outputs(out: Path, model, data, results: dict, summary: dict, evals: d
     for name, ev in evals.items():
         if ev.get("_tree") is not None:
             ev["_tree"].to_netcdf(out / f"{name}.nc", engine="h5netcdf")
+
+
+OUTPUTS = ("results.json", "report.md", "predictive.png", "calibration.png", "forest.png",
+           *(f"{m}.nc" for m in METHODS))
+
+
+def check_out_dir(out_dir) -> Path:
+    """``out_dir`` as a path, refused (``ValueError``) before any fitting when it cannot be
+    written: an existing file, or a parent where no directory can be made."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir={str(out)!r} is a file, not a directory; pass another path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent)).rmdir()
+    except OSError as err:
+        raise ValueError(
+            f"out_dir={str(out)!r} cannot be written ({err.strerror or err}); pass a directory "
+            "you can write to"
+        ) from err
+    return out
+
+
+def json_safe(value):
+    """``value`` with every NaN or infinite float replaced by ``None`` (strict JSON)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    value = float(value)  # floats, numpy and 0-d torch scalars
+    return value if math.isfinite(value) else None
+
+
+def save(out: Path, model, data, results: dict, summary: dict, evals: dict) -> None:
+    """Write every output into a temporary sibling of ``out``, then move it in,
+    ``results.json`` (the completion marker) last; a previous report's files go first."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        write_outputs(tmp, model, data, results, summary, evals)
+        text = json.dumps(json_safe(summary), indent=2, allow_nan=False)
+        (tmp / "results.json").write_text(text)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == "results.json"):
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            shutil.move(str(item), str(target))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

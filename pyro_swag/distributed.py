@@ -43,7 +43,7 @@ from ._distributed_comm import (
     rank_size,
 )
 from ._distributed_state import apply_checkpoint, check_checkpoint, checkpoint_path, other_world
-from .autoguide import SWAGCollector, SWAGGuide, _layout
+from .autoguide import SWAGCollector, SWAGGuide, _adopt_prototype, _layout
 from .moments import SWAGMoments
 
 __all__ = [
@@ -59,12 +59,9 @@ __all__ = [
 
 def _guide_from(source, loc, variance, deviations, scale: float, diagonal: bool) -> SWAGGuide:
     """A :class:`SWAGGuide` set up with the latent layout of ``source`` (collector or guide)."""
-    guide = SWAGGuide(source.model, loc, variance, deviations, scale, diagonal, _layout(source))
-    for attr in ("prototype_trace", "_unconstrained_shapes", "_cond_indep_stacks"):
-        setattr(guide, attr, getattr(source, attr))
-    guide._prototype_frames = dict(source._prototype_frames)
-    guide.latent_dim = source.latent_dim
-    return guide
+    guide = SWAGGuide(source.model, loc, variance, deviations, scale, diagonal, _layout(source),
+                      observed=source.observed)
+    return _adopt_prototype(guide, source)
 
 
 class DistributedSWAG:

@@ -36,7 +36,8 @@ which is Mandt et al.'s :math:`2 (B/N)\, D / \operatorname{Tr} C` for their per-
 :math:`\epsilon / (1 - \mu)`, so the rate is multiplied by :math:`1 - \mu`. At
 :math:`\epsilon^*`, :math:`\operatorname{Tr}(A\Sigma_\epsilon) = D`, as for the posterior.
 
-:math:`\operatorname{Tr}\Sigma_g` is estimated directly as the summed across-batch variance
+:math:`\operatorname{Tr}\Sigma_g` is estimated from per-example gradients of the observed
+sites' log-density (see :func:`gradient_noise`), or else as the summed across-batch variance
 of minibatch gradients of Pyro's loss at the current point (the prior's gradient is the same
 on every batch and cancels), so no assumption on the loss scaling enters the estimate. The
 small-:math:`\epsilon` expansion needs :math:`\epsilon\lambda_{\max}(A)` well inside SGD's
@@ -48,6 +49,7 @@ Hessian-vector products.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
@@ -56,6 +58,8 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
+
+from ._checks import is_real
 
 __all__ = ["GradientNoise", "gradient_noise", "suggest_swa_lr"]
 
@@ -67,7 +71,7 @@ class GradientNoise:
     Attributes
     ----------
     trace : float
-        :math:`\\operatorname{Tr}\\Sigma_g`, summed across-batch variance of the gradient.
+        :math:`\\operatorname{Tr}\\Sigma_g`, the trace of a minibatch gradient's covariance.
     dim : int
         Unconstrained latent dimension :math:`D`.
     num_batches : int
@@ -211,6 +215,7 @@ def gradient_noise(
     curvature_batches: int | None = 8,
     per_example: bool = True,
     num_data_arg: str | None = "num_data",
+    independent_batches: bool = False,
 ) -> GradientNoise:
     """Estimate :math:`\\operatorname{Tr}\\Sigma_g` (and optionally :math:`\\lambda_{\\max}`).
 
@@ -236,16 +241,25 @@ def gradient_noise(
     per_example : bool
         Estimate from per-example gradients of the observed sites' log-density (``B`` times
         more samples than batches):
-        :math:`\\operatorname{Tr}\\Sigma_g = \\frac{N^2}{B}\\frac{N-B}{N-1}
-        \\operatorname{Tr}\\hat C`, the covariance of a batch of ``B`` drawn without
-        replacement. Falls back to the across-batch variance of the minibatch gradients
-        (``method="batch"``) when an observed site is not indexed by the batch dimension.
+        :math:`\\operatorname{Tr}\\Sigma_g = \\frac{N^2}{B}\\frac{N-B}{N}
+        \\operatorname{Tr}\\hat C` with :math:`\\hat C` the unbiased (:math:`n - 1`)
+        covariance of the per-example gradients: the covariance of a batch of ``B`` drawn
+        without replacement. Falls back to the across-batch variance of the minibatch
+        gradients (``method="batch"``) when an observed site is not indexed by the batch
+        dimension.
     num_data_arg : str or None
         Keyword through which the model (and the collector) receive ``num_data``, as in
         :func:`pyro_swag.train.fit`; ``None`` never passes it.
+    independent_batches : bool
+        Whether the batches were drawn independently of each other (``fit``'s
+        ``swa_batches="independent"``) rather than cut from one shuffled epoch. Disjoint
+        batches of an epoch sum to the full-data gradient, so their across-batch variance
+        is :math:`N/(N-B)` times a batch's; ``method="batch"`` corrects for that unless
+        this is set.
     """
-    if not (isinstance(num_data, int) and num_data > 0):
+    if isinstance(num_data, bool) or not isinstance(num_data, numbers.Integral) or num_data < 1:
         raise ValueError(f"num_data must be a positive int (the full data size), got {num_data!r}")
+    num_data = int(num_data)
     if getattr(collector, "prototype_trace", None) is None:
         raise RuntimeError(
             "the collector is not set up: call collector(*batch, num_data=N) or svi.step once first"
@@ -260,6 +274,12 @@ def gradient_noise(
         grads.append(g.detach())
     g = torch.stack(grads)
     size = int(data[0][0].shape[0])
+    if size > num_data:
+        raise ValueError(
+            f"num_data={num_data} is smaller than the batch size {size}; pass the full data "
+            "size as num_data"
+        )
+    finite = (num_data - size) / num_data  # without replacement, with an unbiased C-hat
     method = "per_example" if per_example else "batch"
     examples = (
         [_per_example_grads(model, collector, b, num_data, num_data_arg) for b in data]
@@ -269,11 +289,10 @@ def gradient_noise(
     if examples and all(e is not None for e in examples):
         # Tr Cov of a batch gradient of Pyro's loss, B examples drawn without replacement
         per = torch.cat(examples)
-        finite = (num_data - size) / max(num_data - 1, 1)
         trace = float(per.var(0, unbiased=True).sum()) * num_data**2 / size * finite
     else:
         method = "batch"
-        trace = float(g.var(0, unbiased=True).sum())
+        trace = float(g.var(0, unbiased=True).sum()) * (1.0 if independent_batches else finite)
     if not (torch.isfinite(g).all() and math.isfinite(trace)):
         raise RuntimeError(
             "non-finite minibatch gradient at the collector's point; pre-train to a finite loss"
@@ -293,6 +312,19 @@ def gradient_noise(
     )
 
 
+def check_rate_args(momentum: float, stability_fraction: float | None) -> None:
+    """Refuse a heavy-ball momentum outside [0, 1) or a stability fraction outside (0, 1]."""
+    if not (is_real(momentum) and 0 <= momentum < 1):
+        raise ValueError(f"momentum must be in [0, 1), got momentum={momentum!r}; e.g. 0.9")
+    if stability_fraction is not None and not (
+        is_real(stability_fraction) and 0 < stability_fraction <= 1
+    ):
+        raise ValueError(
+            f"stability_fraction must be in (0, 1] or None, got "
+            f"stability_fraction={stability_fraction!r}; e.g. 0.5"
+        )
+
+
 def suggest_swa_lr(
     model: Callable,
     collector,
@@ -305,6 +337,7 @@ def suggest_swa_lr(
     stability_fraction: float | None = 0.5,
     curvature_iters: int = 10,
     num_data_arg: str | None = "num_data",
+    independent_batches: bool = False,
 ) -> float:
     """The constant SWA rate :math:`\\epsilon^* = 2(1-\\mu) D / \\operatorname{Tr}\\Sigma_g`.
 
@@ -313,7 +346,7 @@ def suggest_swa_lr(
 
     Parameters
     ----------
-    model, collector, batches, num_data, max_batches, num_data_arg
+    model, collector, batches, num_data, max_batches, num_data_arg, independent_batches
         As in :func:`gradient_noise`; the collector should sit at its pre-trained point.
     momentum : float
         SGD momentum :math:`\\mu \\in [0, 1)` the SWA phase will use.
@@ -331,12 +364,7 @@ def suggest_swa_lr(
     float
         The suggested learning rate.
     """
-    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-        raise ValueError(f"momentum must be in [0, 1), got momentum={momentum!r}")
-    if stability_fraction is not None and not 0 < stability_fraction <= 1:
-        raise ValueError(
-            f"stability_fraction must be in (0, 1] or None, got {stability_fraction!r}"
-        )
+    check_rate_args(momentum, stability_fraction)
     iters = curvature_iters if stability_fraction is not None else 0
     stats = gradient_noise(
         model,
@@ -346,6 +374,7 @@ def suggest_swa_lr(
         max_batches=max_batches,
         curvature_iters=iters,
         num_data_arg=num_data_arg,
+        independent_batches=independent_batches,
     )
     if not stats.trace > 0:
         raise RuntimeError(

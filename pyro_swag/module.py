@@ -29,6 +29,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import update_bn
 
+from ._checks import check_positive, is_positive_finite
 from .autoguide import SWAGGuide
 from .models import observe
 from .moments import SWAGMoments
@@ -89,6 +90,12 @@ class ModuleSWAG(nn.Module):
         self.layout = [(n, tuple(p.shape)) for n, p in net.named_parameters() if p.requires_grad]
         if not self.layout:
             raise ValueError("net has no trainable parameters (all have requires_grad=False)")
+        dtypes = {p.dtype for p in self._params()}
+        if len(dtypes) > 1:
+            raise TypeError(
+                f"net's trainable parameters have several dtypes {sorted(map(str, dtypes))}; "
+                "SWAG keeps one flat vector: convert the net to one dtype (e.g. net.float())"
+            )
         self.moments = SWAGMoments(rank, min_var, deviation_dtype, moments_device)
 
     # ---------------------------------------------------------------- layout
@@ -112,13 +119,17 @@ class ModuleSWAG(nn.Module):
 
     def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a flat vector (or a batch ``(..., P)``) into ``{name: tensor}`` views."""
+        total = sum(math.prod(shape) for _, shape in self.layout)
+        if theta.dim() == 0 or theta.shape[-1] != total:
+            raise ValueError(
+                f"theta has shape {tuple(theta.shape)}, expected (..., {total}): the network "
+                f"has {total} trainable parameters"
+            )
         out, i = {}, 0
         for name, shape in self.layout:
-            size = int(torch.Size(shape).numel())
+            size = math.prod(shape)
             out[name] = theta[..., i : i + size].reshape(*theta.shape[:-1], *shape)
             i += size
-        if i != theta.shape[-1]:
-            raise ValueError(f"theta has {theta.shape[-1]} entries, the network has {i}")
         return out
 
     @torch.no_grad()
@@ -290,8 +301,15 @@ class ModuleSWAG(nn.Module):
         """
         if likelihood not in _LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r} is not one of {_LIKELIHOODS}")
-        if not prior_scale > 0:
-            raise ValueError(f"prior_scale must be > 0, got prior_scale={prior_scale!r}")
+        check_positive("prior_scale", prior_scale, "the prior sd of every weight, e.g. 1.0")
+        check_positive("noise", noise, "a fixed noise sd, or None to learn the precision",
+                       optional=True)
+        if not (isinstance(noise_prior, (tuple, list)) and len(noise_prior) == 2
+                and all(map(is_positive_finite, noise_prior))):
+            raise ValueError(
+                f"noise_prior must be (concentration, rate), two positive finite numbers, got "
+                f"noise_prior={noise_prior!r}"
+            )
         learned = likelihood == "gaussian" and noise is None
         if learned and data is None:
             raise ValueError(

@@ -26,10 +26,14 @@ when the spread is tiny compared with the mean. Deviations live in a preallocate
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
 from torch import nn
+
+from ._checks import is_real
 
 __all__ = ["SWAGMoments"]
 
@@ -64,11 +68,20 @@ class SWAGMoments(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
             raise ValueError(f"rank must be an integer >= 1, got rank={rank!r}; use e.g. rank=20")
-        if not min_var >= 0:
-            raise ValueError(f"min_var must be >= 0, got min_var={min_var!r}")
-        self.rank = rank
+        if not (is_real(min_var) and 0 <= min_var < math.inf):
+            raise ValueError(
+                f"min_var must be a finite number >= 0, got min_var={min_var!r}; use e.g. 1e-30"
+            )
+        if deviation_dtype is not None and not (
+            isinstance(deviation_dtype, torch.dtype) and deviation_dtype.is_floating_point
+        ):
+            raise TypeError(
+                f"deviation_dtype must be a floating torch.dtype or None, got "
+                f"deviation_dtype={deviation_dtype!r}; use e.g. deviation_dtype=torch.bfloat16"
+            )
+        self.rank = int(rank)
         self.min_var = float(min_var)
         self.deviation_dtype = deviation_dtype
         self.device = None if device is None else torch.device(device)
@@ -91,9 +104,10 @@ class SWAGMoments(nn.Module):
 
     def _allocate(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
         dev_dtype = self.deviation_dtype or dtype
-        self.mean = torch.zeros(size, dtype=dtype, device=device)
-        self.m2 = torch.zeros(size, dtype=dtype, device=device)
-        self.deviations = torch.zeros(self.rank, size, dtype=dev_dtype, device=device)
+        mean = torch.zeros(size, dtype=dtype, device=device)  # all three, then assign
+        m2 = torch.zeros(size, dtype=dtype, device=device)
+        deviations = torch.zeros(self.rank, size, dtype=dev_dtype, device=device)
+        self.mean, self.m2, self.deviations = mean, m2, deviations
 
     def check(self, theta: torch.Tensor, name: str = "theta") -> None:
         """Raise a clear error when ``theta`` cannot be the next snapshot."""
@@ -185,7 +199,12 @@ class SWAGMoments(nn.Module):
         moments already held, if any.
         """
         extra = state_dict.get(prefix + "_extra_state")
-        if extra is not None and int(extra["rank"]) != self.rank:
+        if not isinstance(extra, dict) or not {"count", "head", "rank", "min_var"} <= set(extra):
+            raise ValueError(
+                f"state_dict lacks {prefix}_extra_state (count, head, rank, min_var); pass "
+                "the whole output of state_dict()"
+            )
+        if int(extra["rank"]) != self.rank:
             raise ValueError(
                 f"cannot load moments of rank={extra['rank']} into a collector of "
                 f"rank={self.rank}; construct it with rank={extra['rank']}"
@@ -193,6 +212,14 @@ class SWAGMoments(nn.Module):
         mean = state_dict.get(prefix + "mean")
         if mean is None:
             return
+        m2, dev = state_dict.get(prefix + "m2"), state_dict.get(prefix + "deviations")
+        if m2 is None or dev is None or m2.shape != mean.shape or tuple(dev.shape) != (
+            self.rank, *mean.shape
+        ):
+            raise ValueError(
+                f"state_dict holds {prefix}mean but not a matching {prefix}m2 and "
+                f"{prefix}deviations; pass the whole output of state_dict()"
+            )
         if self.mean is not None and mean.shape != self.mean.shape:
             raise ValueError(
                 f"cannot load moments of {mean.numel()} parameters into moments of "

@@ -26,11 +26,31 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions.transforms import biject_to
 from tqdm.auto import tqdm
 
 from .autoguide import FittedContinuous, SWAGGuide
 
 __all__ = ["MultiSWAG", "fit_runs"]
+
+
+def mixture_quantile(
+    mean: torch.Tensor, sd: torch.Tensor, q: float, weights: torch.Tensor | None = None,
+    iters: int = 60,
+) -> torch.Tensor:
+    """Quantile ``q`` of each column's mixture of Normals ``N(mean[r], sd[r])``, rows weighted
+    by ``weights`` (equal by default); ``mean`` and ``sd`` are ``(R, ...)``. Bisection."""
+    lo = (mean - 10 * sd).min(0).values
+    hi = (mean + 10 * sd).max(0).values
+    normal = torch.distributions.Normal(mean, sd)
+    w = None if weights is None else weights.reshape(-1, *([1] * (mean.dim() - 1)))
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        cdf = normal.cdf(mid.expand_as(mean))
+        below = (cdf.mean(0) if w is None else (w * cdf).sum(0)) < q
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+    return (lo + hi) / 2
 
 
 def _component_parts(guide: SWAGGuide) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,20 +96,24 @@ class MultiSWAG(FittedContinuous):
         first = guides[0]
         super().__init__(model if model is not None else first.model)
         size = first.loc.numel()
-        for i, g in enumerate(guides[1:], 1):
+        layout = next((g.layout for g in guides if g.layout), None)
+        ref = next((i for i, g in enumerate(guides) if g.layout), 0)
+        for i, g in enumerate(guides):
             if g.loc.numel() != size:
                 raise ValueError(
                     f"guides[{i}] has {g.loc.numel()} latent entries but guides[0] has {size}; "
                     "all runs must come from the same model"
                 )
-            if (
-                g.layout
-                and first.layout
-                and [tuple(s) for s in g.layout] != [tuple(s) for s in first.layout]
-            ):
+            if (g.loc.dtype, g.loc.device) != (first.loc.dtype, first.loc.device):
+                raise TypeError(
+                    f"guides[{i}] has dtype={g.loc.dtype} on {g.loc.device} but guides[0] has "
+                    f"dtype={first.loc.dtype} on {first.loc.device}; fit every run with the "
+                    "same model dtype and device"
+                )
+            if g.layout and [tuple(s) for s in g.layout] != [tuple(s) for s in layout]:
                 raise ValueError(
-                    f"guides[{i}] has latent layout {g.layout} but guides[0] has "
-                    f"{first.layout}; all runs must come from the same model"
+                    f"guides[{i}] has latent layout {g.layout} but guides[{ref}] has "
+                    f"{layout}; all runs must come from the same model"
                 )
         parts = [_component_parts(g) for g in guides]
         device, dtype = first.loc.device, first.loc.dtype
@@ -101,19 +125,24 @@ class MultiSWAG(FittedContinuous):
         self.register_buffer("cov_factor", factors)
         self.register_buffer("cov_diag", torch.stack([p[2].to(device, dtype) for p in parts]))
         self.register_buffer("weights", self._check_weights(weights, len(parts), device, dtype))
-        self.layout = next((g.layout for g in guides if g.layout), None)
+        self.layout = layout
+        self.observed = next((g.observed for g in guides if g.observed is not None), None)
 
     @staticmethod
     def _check_weights(weights, num_runs: int, device, dtype) -> torch.Tensor:
         if weights is None:
             return torch.full((num_runs,), 1.0 / num_runs, device=device, dtype=dtype)
-        w = torch.as_tensor(weights, dtype=dtype).to(device)
+        bad = ValueError(
+            f"weights must be {num_runs} positive finite numbers (one per run), got "
+            f"weights={weights!r}"
+        )
+        try:
+            w = torch.as_tensor(weights, dtype=torch.float64).to(device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise bad from err
         if w.shape != (num_runs,) or not bool(torch.all(w > 0)) or not bool(w.isfinite().all()):
-            raise ValueError(
-                f"weights must be {num_runs} positive finite numbers (one per run), got "
-                f"weights={weights!r}"
-            )
-        return w / w.sum()
+            raise bad
+        return (w / w.sum()).to(dtype)
 
     @property
     def num_runs(self) -> int:
@@ -136,6 +165,27 @@ class MultiSWAG(FittedContinuous):
 
     def _loc_scale(self, *args, **kwargs):
         return self.weights @ self.loc, self.marginal_variance().sqrt()
+
+    @torch.no_grad()
+    def quantiles(self, quantiles, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Marginal quantiles of each latent site under the mixture (constrained).
+
+        Each unconstrained entry's marginal is the mixture of the runs' Normal marginals;
+        its quantiles come from bisection of that mixture's CDF.
+        """
+        self._set_up_for("quantiles()", args, kwargs)
+        sd = (self.cov_diag + self.cov_factor.pow(2).sum(-1)).sqrt()
+        levels = torch.as_tensor(quantiles, dtype=self.loc.dtype).reshape(-1).tolist()
+        latents = [mixture_quantile(self.loc, sd, q, self.weights) for q in levels]
+        out: dict[str, list] = {}
+        for latent in latents:
+            for site, value in self._unpack_latent(latent):
+                out.setdefault(site["name"], []).append(biject_to(site["fn"].support)(value))
+        return {k: torch.stack(v) for k, v in out.items()}
+
+    def median(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Per-entry median of the mixture's marginals (constrained)."""
+        return {k: v[0] for k, v in self.quantiles([0.5], *args, **kwargs).items()}
 
     @torch.no_grad()
     def sample_chains(self, num_draws: int) -> torch.Tensor:
@@ -172,10 +222,11 @@ class MultiSWAG(FittedContinuous):
 
     # ------------------------------------------------------------- persistence
     def get_extra_state(self) -> dict[str, Any]:
-        return {"layout": self.layout}
+        return {"layout": self.layout, "observed": self.observed}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.layout = state["layout"]
+        self.observed = state.get("observed")
 
     @classmethod
     def from_state_dict(cls, model: Callable, state_dict: dict[str, Any]) -> MultiSWAG:
@@ -189,12 +240,24 @@ class MultiSWAG(FittedContinuous):
             raise ValueError(
                 f"state_dict lacks {missing}; pass the output of MultiSWAG.state_dict()"
             )
+        loc, factor, diag, w = (state_dict[n] for n in names)
+        runs = loc.shape[0] if loc.dim() == 2 else 0
+        shapes_ok = diag.shape == loc.shape and factor.dim() == 3 and factor.shape[:2] == loc.shape
+        if not (runs and shapes_ok):
+            raise ValueError(
+                f"state_dict holds loc {tuple(loc.shape)}, cov_factor {tuple(factor.shape)} and "
+                f"cov_diag {tuple(diag.shape)}; they must be (R, P), (R, P, K) and (R, P): pass "
+                "the output of MultiSWAG.state_dict()"
+            )
         guide = cls.__new__(cls)
         FittedContinuous.__init__(guide, model)
-        for name in names:
+        for name in names[:3]:
             guide.register_buffer(name, state_dict[name].clone())
-        layout = state_dict.get("_extra_state", {}).get("layout")
+        guide.register_buffer("weights", cls._check_weights(w, runs, loc.device, loc.dtype))
+        extra = state_dict.get("_extra_state", {})
+        layout = extra.get("layout")
         guide.layout = [(n, tuple(s)) for n, s in layout] if layout else None
+        guide.observed = extra.get("observed")
         return guide
 
 

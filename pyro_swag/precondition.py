@@ -58,7 +58,7 @@ from ._curvature import (
     _factor,
     _validate,
 )
-from .lr import _batch_hvp, _loss_fn, suggest_swa_lr
+from .lr import _batch_hvp, _loss_fn, check_rate_args, suggest_swa_lr
 
 __all__ = [
     "Preconditioner",
@@ -134,6 +134,7 @@ def choose_preconditioner(
     :math:`|\\lambda|_{\\max}(P A_1)` as ``max_curvature``. ``num_data_arg`` as in
     :func:`estimate_preconditioner`.
     """
+    check_rate_args(momentum, None)
     auto = damping == "auto"
     ladder = DAMPING_LADDER if auto else (damping,)
     if lr is None:
@@ -195,6 +196,9 @@ def preconditioned_lr(
     """
     if rule not in ("matched", "kl"):
         raise ValueError(f"rule must be 'matched' or 'kl', got rule={rule!r}")
+    check_rate_args(momentum, stability_fraction)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got batch_size={batch_size!r}")
     if rule == "kl" and not pre.noise_trace > 0:
         raise RuntimeError(_NO_NOISE)
     lr = _matched_lr(num_data, batch_size, momentum)
@@ -328,10 +332,11 @@ def auto_swa_lr(
     momentum: float,
     pre: Preconditioner | None = None,
     num_data_arg: str | None = "num_data",
+    independent_batches: bool = False,
 ) -> float:
     """``fit(swa_lr="auto")``'s rate: :func:`preconditioned_lr` with ``pre``, else
     :func:`pyro_swag.lr.suggest_swa_lr` (per datum); the model receives ``num_data`` as
-    ``num_data_arg``."""
+    ``num_data_arg``, and ``independent_batches`` says how ``batches`` were drawn."""
     if pre is not None:
         lam = pre.max_curvature
         if not math.isfinite(lam):
@@ -354,6 +359,7 @@ def auto_swa_lr(
             momentum=momentum,
             per_datum=True,
             num_data_arg=num_data_arg,
+            independent_batches=independent_batches,
         )
     lr = float(lr)
     if not 0 < lr < math.inf:

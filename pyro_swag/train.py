@@ -320,7 +320,8 @@ def fit(
                 if history["swa_lr"] is None:
                     epoch_batches = [_as_args(b) for b in batches]
                     history["swa_lr"] = auto_swa_lr(
-                        model, collector, epoch_batches, n, swa_momentum, pre, num_data_arg=n_arg
+                        model, collector, epoch_batches, n, swa_momentum, pre, num_data_arg=n_arg,
+                        independent_batches=getattr(batches, "independent", False),
                     )
                 swa_optim = swa_optimizer(
                     history["swa_lr"],

@@ -337,7 +337,7 @@ def test_loading_an_empty_checkpoint_starts_the_moments_afresh():
 def test_guide_constructor_refuses_malformed_moments():
     with pytest.raises(ValueError, match=r"deviations \(5,\) must be .*torch.zeros\(0, P\)"):
         SWAGGuide(mixed_model, torch.zeros(5), torch.ones(5), torch.zeros(5))
-    with pytest.raises(ValueError, match="variance must be finite and >= 0"):
+    with pytest.raises(ValueError, match="variance must be finite and > 0"):
         SWAGGuide(mixed_model, torch.zeros(5), -torch.ones(5), torch.zeros(2, 5))
-    with pytest.raises(ValueError, match="variance must be finite and >= 0"):
+    with pytest.raises(ValueError, match="variance must be finite and > 0"):
         SWAGGuide(mixed_model, torch.zeros(5), torch.full((5,), float("nan")), torch.zeros(2, 5))

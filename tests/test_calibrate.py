@@ -3,6 +3,7 @@
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pyro
@@ -255,3 +256,24 @@ def test_psis_needs_enough_draws_for_the_pareto_tail():
     assert guide.scale == 1.0 and guide.calibration is None
     res = calibrate_psis(model, guide, x, y, num_samples=25, scales=[0.5, 2.0], apply=False)
     assert res.num_samples == 25 and len(res.curve["khat"]) == 3
+
+
+def test_a_best_scale_at_a_grid_end_warns_and_options_are_checked():
+    import numpy as np
+
+    x, y = data()
+    mean, cov = posterior(x, y)
+    guide = gaussian_guide(x, y, mean, 0.01 * cov)  # the ELBO's optimum is near scale 100
+    with pytest.warns(UserWarning, match="best scale, 0.002, is the largest.*refine=True"):
+        res = calibrate_elbo(model, guide, x, y, scales=[1e-3, 2e-3], refine=False, apply=False)
+    assert res.scale == 2e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the grid extension reaches an interior optimum
+        assert 50 < calibrate_elbo(model, guide, x, y, num_samples=50, apply=False).scale < 200
+    with pytest.raises(TypeError, match="scales must be a list of scales, got scales=0.5"):
+        calibrate_elbo(model, guide, x, y, scales=0.5)
+    with pytest.raises(ValueError, match="refine_iters must be an int >= 0"):
+        calibrate_elbo(model, guide, x, y, refine_iters=-3)
+    assert calibrate_elbo(model, guide, x, y, num_samples=np.int64(20), apply=False).scale > 0
+    with pytest.raises(TypeError, match="method='psis' does not refine.*refine"):
+        calibrate(model, guide, x, y, method="psis", refine=False)

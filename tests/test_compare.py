@@ -129,7 +129,7 @@ def test_bad_config_names_the_argument():
 
 
 def test_results_json_is_strict_json():
-    from pyro_swag.compare import _json_safe
+    from pyro_swag.compare_report import json_safe as _json_safe
 
     value = {"a": [1.5, math.nan, {"b": math.inf}], "c": torch.tensor(-math.inf), "d": "x",
              "e": True, "f": None, "g": 3}

@@ -56,16 +56,17 @@ def test_gradient_noise_matches_hand_computed_variance():
     stats = gradient_noise(
         model, collector, data, num_data=N, curvature_iters=50, curvature_batches=None
     )
-    # per example: N^2/B (N-B)/(N-1) Tr Cov_i[grad log p(y_i | w)]
+    # per example: N^2/B (N-B)/N Tr Cov_i[grad log p(y_i | w)] (unbiased Cov)
     per = torch.stack([pyro_grad(point, x[i : i + 1], y[i : i + 1]) for i in range(N)]) / N
-    expected = N**2 / B * (N - B) / (N - 1) * float(per.var(0).sum())
+    expected = N**2 / B * (N - B) / N * float(per.var(0).sum())
     assert stats.method == "per_example"
     assert stats.trace == pytest.approx(expected, rel=1e-4)
     # across batches
     grads = torch.stack([pyro_grad(point, xb, yb) for xb, yb in data])
     batch = gradient_noise(model, collector, data, num_data=N, per_example=False)
     assert batch.method == "batch"
-    assert batch.trace == pytest.approx(float(grads.var(0).sum()), rel=1e-4)
+    # the batches of one epoch: their variance is N/(N-B) times a batch's, corrected
+    assert batch.trace == pytest.approx(float(grads.var(0).sum()) * (N - B) / N, rel=1e-4)
     assert stats.dim == D and stats.num_batches == N // B and stats.batch_size == B
     assert stats.grad_norm == pytest.approx(float(grads.mean(0).norm()), rel=1e-4)
     hessian = torch.eye(D) / PRIOR**2 + x.T @ x / SIGMA**2
@@ -211,3 +212,48 @@ def test_fit_at_the_auto_rate_with_momentum_needs_independent_batches(swa_batche
         assert 0.6 < ratio < 1.6
     else:
         assert ratio < 0.45
+
+
+def test_gradient_noise_is_unbiased_for_one_batch_without_replacement():
+    """Oracle: Pyro's loss gradient on B of N points drawn without replacement has
+    covariance trace N^2/B (N-B)/N Tr S^2 (S^2 the per-example covariance, n-1 divisor).
+    The across-batch estimate must average to it over random epochs (the batches of one
+    epoch are disjoint, so their raw variance is N/(N-B) times too large) and the
+    per-example one must equal it (it was N/(N-1) too large)."""
+    x, y = make_data()
+    point = torch.tensor([0.8, -0.2, 0.1])
+    collector = setup(x, y, point)
+    per = torch.stack([pyro_grad(point, x[i : i + 1], y[i : i + 1]) for i in range(N)]) / N
+    exact = N**2 / B * (N - B) / N * float(per.double().var(0).sum())
+    epochs = [batches(x, y, torch.randperm(N, generator=torch.Generator().manual_seed(s)))
+              for s in range(300)]
+    assert gradient_noise(model, collector, epochs[0], num_data=N).trace == pytest.approx(
+        exact, rel=1e-4)
+    raw = [gradient_noise(model, collector, e, num_data=N, per_example=False).trace
+           for e in epochs]
+    assert sum(raw) / len(raw) == pytest.approx(exact, rel=0.08)  # MC sd ~3 % here
+    indep = gradient_noise(model, collector, epochs[0], num_data=N, per_example=False,
+                           independent_batches=True).trace
+    assert indep == pytest.approx(raw[0] * N / (N - B), rel=1e-6)
+
+
+def test_rate_arguments_are_checked():
+    import numpy as np
+
+    from pyro_swag.precondition import preconditioned_lr
+
+    x, y = make_data()
+    collector = setup(x, y, torch.zeros(D))
+    data = batches(x, y, torch.randperm(N))
+    with pytest.raises(ValueError, match=f"num_data=6 is smaller than the batch size {B}"):
+        gradient_noise(model, collector, data, num_data=6)
+    with pytest.raises(ValueError, match="num_data must be a positive int"):
+        gradient_noise(model, collector, data, num_data=True)
+    assert suggest_swa_lr(model, collector, data, num_data=np.int64(N),
+                          momentum=np.float32(0.5)) > 0
+    pre = type("Pre", (), {"noise_trace": 1.0, "dim": D})()
+    for kwargs, match in (({"momentum": 1.5}, "momentum must be in"),
+                          ({"stability_fraction": -1.0}, "stability_fraction must be in"),
+                          ({"batch_size": 0}, "batch_size must be a positive int")):
+        with pytest.raises(ValueError, match=match):
+            preconditioned_lr(pre, **{"num_data": N, "batch_size": B, **kwargs})

@@ -274,3 +274,23 @@ def test_a_partial_or_foreign_checkpoint_changes_nothing(tmp_path):
         small.load_state_dict({k: v for k, v in state.items() if k != "_extra_state"},
                               strict=False)
     assert small.num_snapshots == 0
+
+
+def test_mixed_dtypes_short_vectors_and_bad_likelihood_settings_are_refused():
+    with pytest.raises(TypeError, match="several dtypes"):
+        ModuleSWAG(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1).double()))
+    net = nn.Linear(3, 1)
+    sw = ModuleSWAG(net, rank=2)
+    with pytest.raises(ValueError, match=r"theta has shape \(3,\), expected \(\.\.\., 4\)"):
+        sw.unflatten(torch.zeros(3))
+    for _ in range(3):
+        with torch.no_grad():
+            net.weight.add_(0.1 * torch.randn_like(net.weight))
+        sw.collect()
+    data = [(torch.randn(8, 3), torch.randn(8))]
+    for kwargs, match in (({"noise": -1.0}, "noise must be None or a positive finite number"),
+                          ({"noise": float("nan")}, "noise must be None or a positive finite"),
+                          ({"noise_prior": (-1, 1), "data": data}, "noise_prior must be"),
+                          ({"prior_scale": float("inf"), "noise": 1.0}, "prior_scale must be")):
+        with pytest.raises(ValueError, match=match):
+            sw.to_pyro(**kwargs)

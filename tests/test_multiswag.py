@@ -247,3 +247,50 @@ def test_example_smoke(tmp_path):
     assert "R-hat" in proc.stdout
     assert (tmp_path / "multiswag_chains.png").exists()
 
+
+
+def _fixed_run(model, points):
+    """A SWAGGuide whose snapshots are exactly ``points`` (model called without data)."""
+    c = SWAGCollector(model, rank=2)
+    c()
+    for p in points:
+        c.collect(torch.tensor([p]))
+    return c.swag_guide()
+
+
+def test_quantiles_and_median_are_the_mixtures():
+    def one():
+        pyro.sample("w", dist.Normal(0.0, 10.0))
+
+    runs = [_fixed_run(one, [m + 0.1 * (k - 2) for k in range(5)]) for m in (-3.0, 3.0)]
+    mix = MultiSWAG(runs, weights=[0.25, 0.75])
+    levels = [0.1, 0.2, 0.5, 0.9]  # not 0.25: the whole gap between the runs is its quantile
+    got = mix.quantiles(levels)["w"]
+    torch.manual_seed(0)
+    want = torch.quantile(mix.sample_mixture(200_000)[:, 0], torch.tensor(levels))
+    torch.testing.assert_close(got, want, atol=0.02, rtol=0)  # the moment match was 2-4 off
+    assert float(mix.median()["w"]) == pytest.approx(float(got[2]), abs=1e-6)
+    fresh = MultiSWAG.from_state_dict(one, mix.state_dict())
+    torch.testing.assert_close(fresh.quantiles(levels)["w"], got)
+
+
+def test_members_of_other_dtypes_or_layouts_and_bad_state_are_refused():
+    def one():
+        pyro.sample("w", dist.Normal(0.0, 10.0))
+
+    g32 = _fixed_run(one, [0.0, 0.1, -0.1])
+    g64 = SWAGGuide(one, g32.loc.double(), g32.variance.double(), g32.deviations.double(),
+                    layout=g32.layout)
+    with pytest.raises(TypeError, match=r"guides\[1\] has dtype=torch.float64"):
+        MultiSWAG([g32, g64])
+    bare = SWAGGuide(one, g32.loc, g32.variance, g32.deviations)
+    other = SWAGGuide(one, g32.loc, g32.variance, g32.deviations, layout=[("v", ())])
+    with pytest.raises(ValueError, match=r"guides\[2\] has latent layout"):
+        MultiSWAG([bare, g32, other])
+    state = MultiSWAG([g32, g32]).state_dict()
+    with pytest.raises(ValueError, match="weights must be 2 positive finite numbers"):
+        MultiSWAG.from_state_dict(one, {**state, "weights": torch.tensor([-1.0, 2.0])})
+    with pytest.raises(ValueError, match=r"must be \(R, P\), \(R, P, K\) and \(R, P\)"):
+        MultiSWAG.from_state_dict(one, {**state, "loc": torch.zeros(3, 1)})
+    with pytest.raises(ValueError, match="weights must be 2 positive finite numbers"):
+        MultiSWAG([g32, g32], weights=["a", "b"])

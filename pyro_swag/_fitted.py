@@ -1,0 +1,96 @@
+"""Layout bookkeeping shared by the fitted guides: the base class that knows its latent sites.
+
+A guide fitted elsewhere (SWAG, a MultiSWAG mixture) is set up on the model only when it first
+runs; these helpers check that the model's latent sites are the ones it was fitted on.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide.guides import prototype_hide_fn
+
+__all__ = ["FittedContinuous"]
+
+def _layout(guide: AutoContinuous) -> list[tuple[str, tuple[int, ...]]]:
+    """Site names and unconstrained shapes, in the order they are packed."""
+    return [(name, tuple(shape)) for name, shape in guide._unconstrained_shapes.items()]
+
+
+def _adopt_prototype(guide: FittedContinuous, source: AutoContinuous) -> FittedContinuous:
+    """Give ``guide`` the set-up prototype of ``source`` (a collector or a fitted guide)."""
+    for attr in ("prototype_trace", "_unconstrained_shapes", "_cond_indep_stacks", "latent_dim"):
+        setattr(guide, attr, getattr(source, attr))
+    guide._prototype_frames = dict(source._prototype_frames)
+    return guide
+
+
+def _check_layout(expected: list, found: list, what: str) -> None:
+    expected = [(n, tuple(s)) for n, s in expected]
+    if expected != found:
+        raise ValueError(
+            f"the model's latent structure changed: {what} has sites {expected} but the model "
+            f"now has {found}; use the model the {what} was built from"
+        )
+
+
+class FittedContinuous(AutoContinuous):
+    """Base of guides fitted elsewhere whose latent layout is known (``self.layout``).
+
+    The model's observed sites called with ``obs=None``, as in ``Predictive(model, guide)(x)``,
+    are not latents of the guide. When the names of the observed sites are known
+    (``self.observed``, recorded by :class:`SWAGCollector`), any other site outside the
+    layout is a latent the guide was not fitted on and the model is refused; without them,
+    every site outside the layout is taken for an observed one. Setting up never shifts the
+    random stream.
+    """
+
+    layout: list | None = None
+    observed: list[str] | None = None
+
+    def _prototype_hide_fn(self, msg: dict) -> bool:
+        if prototype_hide_fn(msg):
+            return True
+        if self.observed is not None:
+            return msg["name"] in self.observed
+        names = {name for name, _ in self.layout or ()}
+        return bool(names and msg["name"] not in names)
+
+    def _set_up_for(self, what: str, args: tuple, kwargs: dict) -> None:
+        if self.prototype_trace is not None:
+            return
+        try:
+            self._setup_prototype(*args, **kwargs)
+        except TypeError as err:
+            if args or kwargs:
+                raise
+            raise RuntimeError(
+                f"{type(self).__name__}.{what} of a guide that has not run yet needs the "
+                f"model's arguments to find its latent sites: pass them, e.g. "
+                f"guide.{what[:-2]}(..., x)"
+            ) from err
+
+    def median(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Posterior median of each latent site (constrained); sets the guide up if needed."""
+        self._set_up_for("median()", args, kwargs)
+        return super().median(*args, **kwargs)
+
+    def quantiles(self, quantiles, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Marginal quantiles of each latent site (constrained); sets the guide up if needed."""
+        self._set_up_for("quantiles()", args, kwargs)
+        return super().quantiles(quantiles, *args, **kwargs)
+
+    def _setup_prototype(self, *args, **kwargs) -> None:
+        with torch.random.fork_rng():
+            super()._setup_prototype(*args, **kwargs)
+        if self.layout is not None:
+            _check_layout(self.layout, _layout(self), "the fitted guide")
+        if self.latent_dim != self.loc.shape[-1]:
+            hint = "" if self.layout else (
+                " (the guide has no layout, so sites outside it cannot be told apart: pass "
+                "layout=[(site name, unconstrained shape), ...])"
+            )
+            raise ValueError(
+                f"the model has {self.latent_dim} unconstrained latent entries but the guide "
+                f"was fitted on {self.loc.shape[-1]}; use the model it was fitted on{hint}"
+            )

@@ -1,0 +1,27 @@
+"""``pyro-swag compare``'s refusals that need no fitting: they come before any method runs."""
+
+import pytest
+
+from pyro_swag.cli import main
+from pyro_swag.compare import CompareConfig, compare
+
+
+def test_an_unwritable_out_dir_is_refused_before_fitting(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        compare("diabetes", afile)
+    with pytest.raises(ValueError, match="cannot be written"):
+        compare("diabetes", afile / "sub")
+    assert main(["compare", "--out", str(afile), "--quiet"]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert afile.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_repeated_methods_and_a_stray_data_dir_are_refused(capsys):
+    with pytest.raises(ValueError, match="names a method twice"):
+        CompareConfig(methods=("map", "map"))
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--data-dir", "/tmp", "--quiet"])
+    assert exc.value.code == 2
+    assert "--data-dir: only used with --uci" in capsys.readouterr().err
