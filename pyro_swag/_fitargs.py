@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
+import os
 import warnings
+
+import numpy as np
+import pyro.optim
+import torch
 
 from ._checks import is_positive_finite
 from ._minibatch import _TensorBatches
@@ -12,7 +18,7 @@ SWA_BATCHES = ("epoch", "independent")
 
 
 def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
 
 
@@ -84,6 +90,40 @@ def check_fit_args(
         )
 
 
+def check_fit_objects(collector, optim, callback, checkpoint, resume: bool) -> None:
+    """Refuse, before any training, an optimiser that is not Pyro's, a callback that cannot
+    be called, a checkpoint in a missing directory, and a collector that already holds
+    snapshots of an earlier run (a second ``fit`` would merge the two trajectories)."""
+    if optim is not None and not isinstance(optim, pyro.optim.PyroOptim):
+        raise TypeError(
+            f"optim must be a pyro.optim optimiser instance, got {optim!r}; e.g. "
+            "pyro.optim.Adam({'lr': 0.01})"
+        )
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable(epoch, history) or None, got {callback!r}")
+    if checkpoint is not None:
+        folder = os.path.dirname(os.fspath(checkpoint)) or "."
+        if not os.path.isdir(folder):
+            raise ValueError(
+                f"checkpoint={os.fspath(checkpoint)!r}: its directory {folder!r} does not "
+                "exist; create it first"
+            )
+    resuming = resume and checkpoint is not None and os.path.exists(checkpoint)
+    if collector.num_snapshots and not resuming:
+        raise ValueError(
+            f"the collector already holds {collector.num_snapshots} snapshots of an earlier "
+            "run, which this fit would merge with its own; build a new SWAGCollector(model) "
+            "(copy the point over with new.loc.data.copy_(old.loc.data) after calling it once)"
+        )
+
+
+def stops(value) -> bool:
+    """Whether a callback's return value asks to stop: ``True``, or a NumPy/torch boolean."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.numel() == 1:
+        return bool(value)
+    return value is True or (isinstance(value, np.bool_) and bool(value))
+
+
 def check_step_snapshots(batches, epochs: int, swa_start: int, collect_every_steps) -> None:
     """With tensor data the SWA phase's step count is known: refuse fewer than 2 snapshots."""
     if collect_every_steps is None or not isinstance(batches, _TensorBatches):
@@ -107,11 +147,16 @@ def check_swa_batches(batches, swa_batches: str, swa_lr) -> None:
             "swa_batches='independent' draws the batches itself and needs (x, y) tensors; for "
             "a DataLoader use a sampler with replacement (RandomSampler(..., replacement=True))"
         )
-    if swa_lr == "auto" and tensors and batches.n // batches.batch_size < 2:
+    size = batches.batch_size if tensors else getattr(batches, "batch_size", None)
+    try:
+        rows = batches.n if tensors else len(batches.dataset)
+    except (AttributeError, TypeError):  # a loader of unknown size: checked when it runs
+        return
+    if swa_lr == "auto" and isinstance(size, int) and size > 0 and rows // size < 2:
         raise ValueError(
             f"swa_lr='auto' estimates gradient noise from at least 2 full batches, but "
-            f"{batches.n} rows give {batches.n // batches.batch_size} of batch_size="
-            f"{batches.batch_size}; pass a smaller batch_size or a float swa_lr"
+            f"{rows} rows give {rows // size} of batch_size={size}; pass a smaller "
+            f"batch_size or a float swa_lr"
         )
 
 

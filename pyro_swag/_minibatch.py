@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Iterable
 
 import torch
@@ -40,13 +41,20 @@ class _TensorBatches:
             yield tuple(t[idx.to(t.device)] for t in self.tensors)
 
 
+def _is_batch(item) -> bool:
+    return isinstance(item, (tuple, list)) and bool(item) and all(
+        isinstance(t, torch.Tensor) for t in item)
+
+
 def _batches(data, batch_size, num_data):
     """Return (iterable of batches, N)."""
     if isinstance(data, torch.Tensor):
         data = (data,)
-    if isinstance(data, (tuple, list)):
+    if isinstance(data, (tuple, list)) and not (data and all(_is_batch(b) for b in data)):
         if not data or not all(isinstance(t, torch.Tensor) for t in data):
-            raise TypeError("data must be a tuple of tensors (x, y) or a DataLoader")
+            raise TypeError(
+                "data must be a tuple of tensors (x, y), a list of batches (x, y) or a DataLoader"
+            )
         n = data[0].shape[0] if data[0].dim() else 0
         if n == 0:
             raise ValueError("data holds no rows (the first tensor is empty); pass non-empty data")
@@ -58,9 +66,9 @@ def _batches(data, batch_size, num_data):
         if num_data is not None and num_data != n:
             raise ValueError(f"num_data={num_data} but the data tuple has {n} rows; drop num_data")
         bs = min(n, DEFAULT_BATCH) if batch_size is None else batch_size
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        if isinstance(bs, bool) or not isinstance(bs, numbers.Integral) or bs < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got batch_size={batch_size!r}")
-        return _TensorBatches(tuple(data), min(bs, n)), n
+        return _TensorBatches(tuple(data), min(int(bs), n)), n
     if not isinstance(data, Iterable):
         raise TypeError(
             f"data must be a tuple of tensors (x, y) or a DataLoader, got {type(data).__name__}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -112,7 +113,7 @@ def _site_info(model: Callable, args: tuple, kwargs: dict) -> dict[str, dict]:
         )
     info: dict[str, dict] = {"latent": {}, "observed": {}, "deterministic": {}}
     for name, site in trace.nodes.items():
-        if site["type"] != "sample":
+        if site["type"] != "sample" or site["infer"].get("is_auxiliary"):  # pyro.factor
             continue
         if site["infer"].get("_deterministic"):
             info["deterministic"][name] = site
@@ -131,12 +132,16 @@ def _site_info(model: Callable, args: tuple, kwargs: dict) -> dict[str, dict]:
 def site_dims(name: str, site: dict) -> list[str]:
     """Dimension names of a site's value: plate names where a plate sits, else defaults."""
     value = site["value"]
-    # pyro.deterministic declares every dim an event dim; its plates still index the value
-    deterministic = site["infer"].get("_deterministic")
-    nb = value.dim() - (0 if deterministic else site["fn"].event_dim)
+    # pyro.deterministic's default declares every dim an event dim, though its plates still
+    # index the value; with event_dim=k the last k are event dims, as for any site. A plate's
+    # name goes only to an axis of the plate's size.
+    event_dim = site["fn"].event_dim
+    deterministic = site["infer"].get("_deterministic") and event_dim == value.dim()
+    nb = value.dim() - (0 if deterministic else event_dim)
     dims: list[str | None] = [None] * value.dim()
     for frame in site["cond_indep_stack"]:
-        if frame.vectorized and frame.dim is not None and 0 <= nb + frame.dim < nb:
+        if (frame.vectorized and frame.dim is not None and 0 <= nb + frame.dim < nb
+                and value.shape[nb + frame.dim] == frame.size):
             dims[nb + frame.dim] = frame.name
     return [d or f"{name}_dim_{i}" for i, d in enumerate(dims)]
 
@@ -186,9 +191,9 @@ def _pack(guide, values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.T
 def _check_count(name: str, value, default: int) -> int:
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int or None, got {name}={value!r}")
-    return value
+    return int(value)
 
 
 def _mcmc_draws(mcmc: MCMC, num_chains, num_draws):
@@ -302,6 +307,11 @@ def collect(
 ) -> Collected:
     """Draws of ``source`` and the model evaluated at them (see ``to_datatree``)."""
     kwargs = dict(kwargs or {})
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(
+            f"args must be a tuple of the model's positional arguments, got "
+            f"{type(args).__name__}; pass e.g. args=(x,)"
+        )
     args = tuple(args)
     is_mcmc = isinstance(source, MCMC)
     if model is None:
@@ -334,11 +344,13 @@ def collect(
             log_q = log_q + logdet  # constrained guide density -> unconstrained
     log_p = log_joint(model, layout, latents, *args, chunk_size=chunk_size, **kwargs)
     obs_names = list(info["observed"])
-    sites = obs_names + list(info["deterministic"])
     pred = predictive(
         _Unobserve(obs_names)(model), None, *args, posterior_samples=values,
-        return_sites=sites, chunk_size=chunk_size, **kwargs,
+        return_sites=obs_names, chunk_size=chunk_size, **kwargs,
     )
+    if info["deterministic"]:  # from the observed data, not from the replicates
+        pred |= predictive(model, None, *args, posterior_samples=values, chunk_size=chunk_size,
+                           return_sites=list(info["deterministic"]), **kwargs)
     loglik = log_likelihood(model, values, *args, chunk_size=chunk_size, **kwargs)
 
     return Collected(

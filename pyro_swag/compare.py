@@ -327,6 +327,11 @@ def compare(
         data = load_dataset(data, split, data_dir=data_dir)  # bad input fails before any file
     if not isinstance(data, Dataset):
         raise TypeError(f"data must be a Dataset or a dataset name, got data={type(data).__name__}")
+    if "rmse" in config.pretrain_checkpoints and data.likelihood == "categorical":
+        raise ValueError(
+            f"pretrain_checkpoints={config.pretrain_checkpoints!r}: 'rmse' needs a mean to "
+            f"score, and {data.name!r} is categorical; use pretrain_checkpoints=('ll',)"
+        )
     out = None if out_dir is None else report.check_out_dir(out_dir)  # before any fitting
     if model is None:
         model = make_model(data, config.hidden, config.seed, config.heteroscedastic)

@@ -230,6 +230,15 @@ def loo(dt: xr.DataTree, corrected: bool | None = None, pointwise: bool = True,
     Computed in float64.
     """
     dt = _float64(dt)
+    for name, ll in dt["log_likelihood"].data_vars.items():
+        flat = ll.stack(_s=("chain", "draw"))
+        same = (flat == flat.isel(_s=0)).all("_s")
+        if flat.sizes["_s"] > 1 and bool(same.any()) and var_name in (None, name):
+            raise ValueError(
+                f"log_likelihood[{name!r}] is the same in every draw at {int(same.sum())} "
+                "point(s) (masked, or independent of the latents): PSIS-LOO cannot weight "
+                "them; export without those points"
+            )
     if _corrected(dt, corrected):
         ss = dt["sample_stats"]
         return arviz_stats.loo_approximate_posterior(

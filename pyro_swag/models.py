@@ -146,7 +146,7 @@ class BayesianMLP(PyroModule):
     in_features, out_features : int
         Input size; output size (1 for regression and Bernoulli, #classes for categorical).
     hidden : tuple of int
-        Hidden layer widths, e.g. ``(50,)`` or ``(50, 50)``.
+        Hidden layer widths, e.g. ``(50,)`` or ``(50, 50)``; ``()`` is a Bayesian linear model.
     likelihood : {"gaussian", "categorical", "bernoulli"}
         Observation model of the site ``"obs"``.
     prior_scale : float
@@ -180,8 +180,17 @@ class BayesianMLP(PyroModule):
         activation: str = "tanh",
     ) -> None:
         super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood={likelihood!r} is not one of {LIKELIHOODS}")
+
+        def width(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        if not width(in_features):
+            raise ValueError(f"in_features must be an int >= 1, got in_features={in_features!r}")
+        if not (isinstance(hidden, (tuple, list)) and all(map(width, hidden))):
+            raise ValueError(
+                f"hidden must be a tuple of layer widths, ints >= 1, got hidden={hidden!r}; "
+                "e.g. hidden=(50,), or () for a Bayesian linear model"
+            )
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not one of {_ACTIVATIONS}")
         if likelihood == "bernoulli" and out_features != 1:

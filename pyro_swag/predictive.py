@@ -336,8 +336,8 @@ def log_likelihood(
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or not site["is_observed"] or name in samples:
                 continue
-            if site["infer"].get("_deterministic"):
-                continue
+            if site["infer"].get("_deterministic") or site["infer"].get("is_auxiliary"):
+                continue  # pyro.deterministic, pyro.factor: no observation
             lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
             names.append(name)
             out.append(scale_and_mask(lp, mask=site["mask"]))

@@ -26,17 +26,15 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import pyro
-import pyro.optim
+import pyro.optim  # binds pyro too
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from tqdm.auto import tqdm
 
-from . import _checkpoint
+from . import _checkpoint, _fitargs
 from ._curvature import _check_kind
-from ._fitargs import check_fit_args, check_step_snapshots, check_swa_batches, warn_few_snapshots
 from ._minibatch import _accepts, _as_args, _batches, _check_scaling, _TensorBatches
 from .autoguide import SWAGCollector, SWAGGuide
 from .precondition import (
@@ -146,7 +144,8 @@ def fit(
         (e.g. loaded from a MAP checkpoint) starts from its current ``loc``.
     data : tuple of tensors or iterable of batches
         ``(x, y)`` tensors, shuffled into minibatches of ``batch_size`` each epoch, or a
-        ``DataLoader`` (then ``N = len(loader.dataset)`` unless ``num_data`` is given).
+        ``DataLoader`` (then ``N = len(loader.dataset)`` unless ``num_data`` is given) or
+        another re-iterable of batches, such as a list of ``(x, y)`` (then pass ``num_data``).
     epochs, swa_start : int
         Total epochs; first epoch of the SWA phase (``0 <= swa_start < epochs``).
     swa_lr : float or "auto"
@@ -182,7 +181,8 @@ def fit(
         ``True`` prints nothing; ``False`` always shows the progress bar; ``None`` shows it
         only on a terminal.
     callback : callable, optional
-        ``callback(epoch, history)`` after each epoch; returning ``True`` stops training.
+        ``callback(epoch, history)`` after each epoch; returning ``True`` (also a NumPy or torch
+        boolean) stops training.
     checkpoint : path, optional
         Write the training state there every ``checkpoint_every`` epochs (readable with
         ``torch.load(path, weights_only=True)``).
@@ -214,7 +214,7 @@ def fit(
     if not isinstance(collector, SWAGCollector):
         raise TypeError(f"collector must be a SWAGCollector, got {type(collector).__name__}")
     _check_model(collector, model)
-    check_fit_args(
+    _fitargs.check_fit_args(
         epochs=epochs, swa_start=swa_start, swa_lr=swa_lr, swa_momentum=swa_momentum,
         anneal_epochs=anneal_epochs, anneal_strategy=anneal_strategy, anneal_from=anneal_from,
         collect_every=collect_every, collect_every_steps=collect_every_steps,
@@ -225,9 +225,10 @@ def fit(
     kind = pre.kind if pre else (precondition and _check_kind(precondition))
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=PATH, the file to resume from")
+    _fitargs.check_fit_objects(collector, optim, callback, checkpoint, resume)
     batches, n = _batches(data, batch_size, num_data)
-    check_step_snapshots(batches, epochs, swa_start, collect_every_steps)
-    check_swa_batches(batches, swa_batches, swa_lr)
+    _fitargs.check_step_snapshots(batches, epochs, swa_start, collect_every_steps)
+    _fitargs.check_swa_batches(batches, swa_batches, swa_lr)
     if seed is not None:
         pyro.set_rng_seed(seed)
     clip = {} if clip_norm is None else {"clip_norm": float(clip_norm)}
@@ -281,7 +282,7 @@ def fit(
     }
     start, swa_steps, swa_state = 0, 0, None
     if resume and os.path.exists(checkpoint):
-        got = _checkpoint.restore(checkpoint, config, collector, optim)
+        got = _checkpoint.restore(checkpoint, config, collector, optim, batches)
         swa_state, history = got["swa_state"], got["history"]
         start, swa_steps, pre = got["epoch"], got["swa_steps"], got["pre"] or pre
 
@@ -376,14 +377,13 @@ def fit(
             )
             done = epoch + 1
             if checkpoint is not None and (done % checkpoint_every == 0 or done == epochs):
-                _checkpoint.save(
-                    checkpoint, config, done, swa_steps, collector, optim, swa_optim, history, pre
-                )
-            if callback is not None and callback(epoch, history) is True:
+                _checkpoint.save(checkpoint, config, done, swa_steps, collector, optim,
+                                 swa_optim, history, pre, batches)
+            if callback is not None and _fitargs.stops(callback(epoch, history)):
                 break
         else:
             if not isinstance(batches, _TensorBatches):  # a loader: the step count was unknown
-                warn_few_snapshots(collector.num_snapshots, collect_every_steps)
+                _fitargs.warn_few_snapshots(collector.num_snapshots, collect_every_steps)
     finally:
         bar.close()
     guide = collector.swag_guide() if collector.num_snapshots >= 2 else None

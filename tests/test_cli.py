@@ -25,3 +25,19 @@ def test_repeated_methods_and_a_stray_data_dir_are_refused(capsys):
         main(["compare", "--data-dir", "/tmp", "--quiet"])
     assert exc.value.code == 2
     assert "--data-dir: only used with --uci" in capsys.readouterr().err
+
+
+def test_rmse_checkpoints_on_categorical_data_and_bad_network_widths_are_refused():
+    from pyro_swag.compare import quick_config
+    from pyro_swag.models import BayesianMLP
+
+    config = quick_config(pretrain_checkpoints=("ll", "rmse"), methods=("swag",))
+    with pytest.raises(ValueError, match="'rmse' needs a mean to score"):
+        compare("digits", None, config=config, quiet=True)
+    for kwargs, match in (({"hidden": (0,)}, "hidden must be a tuple of layer widths"),
+                          ({"hidden": 50}, "hidden must be a tuple"),
+                          ({"hidden": (True,)}, "hidden must be a tuple"),
+                          ({"in_features": 0}, "in_features must be an int >= 1")):
+        with pytest.raises(ValueError, match=match):
+            BayesianMLP(**{"in_features": 3, **kwargs})
+    assert len(BayesianMLP(3, hidden=()).layers) == 1  # a Bayesian linear model
