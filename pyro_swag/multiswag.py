@@ -194,7 +194,7 @@ class MultiSWAG(FittedContinuous):
         Pooled, a (stratified) sample of the *equal*-weight mixture; for unequal ``weights``
         draw from the mixture with :meth:`sample_mixture`.
         """
-        if not (isinstance(num_draws, int) and num_draws > 0):
+        if isinstance(num_draws, bool) or not (isinstance(num_draws, int) and num_draws > 0):
             raise ValueError(f"num_draws must be a positive int, got num_draws={num_draws!r}")
         return self.components().sample((num_draws,)).transpose(0, 1)
 
@@ -206,7 +206,7 @@ class MultiSWAG(FittedContinuous):
         Gaussian: ``get_posterior().sample((num_draws,))`` in law, without drawing from
         every component (memory ``num_draws x P``, not ``num_draws x R x P``).
         """
-        if not (isinstance(num_draws, int) and num_draws > 0):
+        if isinstance(num_draws, bool) or not (isinstance(num_draws, int) and num_draws > 0):
             raise ValueError(f"num_draws must be a positive int, got num_draws={num_draws!r}")
         runs = dist.Categorical(probs=self.weights).sample((num_draws,))
         out = self.loc.new_empty(num_draws, self.loc.shape[-1])
@@ -312,6 +312,8 @@ def fit_runs(
     MultiSWAG
         One component per seed, in the order of ``seeds``.
     """
+    if isinstance(seeds, bool) or not isinstance(seeds, (int, Sequence)):
+        raise TypeError(f"seeds must be a number of runs or a list of seeds, got seeds={seeds!r}")
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds is empty; pass a positive number of runs or a list of seeds")

@@ -294,3 +294,15 @@ def test_members_of_other_dtypes_or_layouts_and_bad_state_are_refused():
         MultiSWAG.from_state_dict(one, {**state, "loc": torch.zeros(3, 1)})
     with pytest.raises(ValueError, match="weights must be 2 positive finite numbers"):
         MultiSWAG([g32, g32], weights=["a", "b"])
+
+
+def test_bool_draw_counts_and_fractional_seed_counts_are_refused():
+    def one():
+        pyro.sample("w", dist.Normal(0.0, 10.0))
+
+    mix = MultiSWAG([_fixed_run(one, [0.0, 0.1, -0.1])])
+    for method in (mix.sample_chains, mix.sample_mixture):
+        with pytest.raises(ValueError, match="num_draws must be a positive int"):
+            method(True)
+    with pytest.raises(TypeError, match="seeds must be a number of runs or a list"):
+        fit_runs(lambda seed: None, seeds=2.5)
