@@ -148,16 +148,27 @@ def check_swa_batches(batches, swa_batches: str, swa_lr) -> None:
             "a DataLoader use a sampler with replacement (RandomSampler(..., replacement=True))"
         )
     size = batches.batch_size if tensors else getattr(batches, "batch_size", None)
-    try:
-        rows = batches.n if tensors else len(batches.dataset)
+    try:  # what a loader's sampler draws an epoch (with replacement: maybe more than N)
+        rows = batches.n if tensors else len(batches.sampler)
     except (AttributeError, TypeError):  # a loader of unknown size: checked when it runs
         return
     if swa_lr == "auto" and isinstance(size, int) and size > 0 and rows // size < 2:
+        smaller = "batch_size" if tensors else "loader batch size"
         raise ValueError(
             f"swa_lr='auto' estimates gradient noise from at least 2 full batches, but "
-            f"{rows} rows give {rows // size} of batch_size={size}; pass a smaller "
-            f"batch_size or a float swa_lr"
+            f"{rows} rows an epoch give {rows // size} of batch size {size}; pass a smaller "
+            f"{smaller} or a float swa_lr"
         )
+
+
+def plain(value):
+    """``value`` with NumPy scalars turned into Python ones (checkpoints load with
+    ``weights_only=True``, which refuses NumPy objects)."""
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def warn_few_snapshots(num_snapshots: int, collect_every_steps, stacklevel: int = 3) -> None:

@@ -30,31 +30,25 @@ def _check_layout(expected: list, found: list, what: str) -> None:
     if expected != found:
         raise ValueError(
             f"the model's latent structure changed: {what} has sites {expected} but the model "
-            f"now has {found}; use the model the {what} was built from"
+            f"now has {found}; use the model {what} was built from"
         )
 
 
 class FittedContinuous(AutoContinuous):
     """Base of guides fitted elsewhere whose latent layout is known (``self.layout``).
 
-    The model's observed sites called with ``obs=None``, as in ``Predictive(model, guide)(x)``,
-    are not latents of the guide. When the names of the observed sites are known
-    (``self.observed``, recorded by :class:`SWAGCollector`), any other site outside the
-    layout is a latent the guide was not fitted on and the model is refused; without them,
-    every site outside the layout is taken for an observed one. Setting up never shifts the
-    random stream.
+    Sites outside the layout are not the guide's: the model's observed sites called with
+    ``obs=None`` (as in ``Predictive(model, guide)(x)``) and sites that only exist when
+    predicting are left to the model, as Pyro does for any autoguide once it is set up. A
+    model whose layout sites changed (renamed, reshaped, missing) is refused. Setting up never
+    shifts the random stream.
     """
 
     layout: list | None = None
-    observed: list[str] | None = None
 
     def _prototype_hide_fn(self, msg: dict) -> bool:
-        if prototype_hide_fn(msg):
-            return True
-        if self.observed is not None:
-            return msg["name"] in self.observed
         names = {name for name, _ in self.layout or ()}
-        return bool(names and msg["name"] not in names)
+        return prototype_hide_fn(msg) or bool(names and msg["name"] not in names)
 
     def _set_up_for(self, what: str, args: tuple, kwargs: dict) -> None:
         if self.prototype_trace is not None:

@@ -28,7 +28,6 @@ from typing import Any
 import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoLaplaceApproximation
-from pyro.infer.autoguide.guides import prototype_hide_fn
 from pyro.infer.autoguide.initialization import init_to_median
 
 from ._checks import is_positive_finite
@@ -80,16 +79,8 @@ class SWAGCollector(AutoLaplaceApproximation):
         moments = SWAGMoments(rank, min_var, deviation_dtype, moments_device)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self.moments = moments
-        #: Names of the model's observed sites, recorded when the layout is set up.
-        self.observed: list[str] | None = None
-
-    def _prototype_hide_fn(self, msg: dict) -> bool:
-        if msg["type"] == "sample" and msg["is_observed"] and self.observed is not None:
-            self.observed.append(msg["name"])
-        return prototype_hide_fn(msg)
 
     def _setup_prototype(self, *args, **kwargs) -> None:
-        self.observed = []
         super()._setup_prototype(*args, **kwargs)
         self.loc = torch.nn.Parameter(self._init_loc())
 
@@ -160,7 +151,6 @@ class SWAGCollector(AutoLaplaceApproximation):
             scale=scale,
             diagonal=diagonal,
             layout=_layout(self),
-            observed=self.observed,
         )
         return _adopt_prototype(guide, self)
 
@@ -170,27 +160,29 @@ class SWAGCollector(AutoLaplaceApproximation):
         return {"layout": _layout(self)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        _check_layout(state["layout"], _layout(self), "checkpoint")
+        _check_layout(state["layout"], _layout(self), "the checkpoint")
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Restore a collector exactly; its model must have been set up (called) first.
 
         Every key is checked before anything changes; with ``strict=False`` a missing
-        ``loc`` keeps the current point and unknown keys are reported, not refused.
+        ``loc`` keeps the current point, missing moments keep the current moments (a
+        point-only state loads just the point), and unknown keys are reported, not refused.
         """
         self._require_setup("load_state_dict()")
         known = {"loc", "_extra_state"} | {
             f"moments.{k}" for k in ("_extra_state", "mean", "m2", "deviations")
         }
         unexpected = sorted(set(state_dict) - known)
-        missing = sorted({"loc", "_extra_state"} - set(state_dict))
+        missing = sorted({"loc", "_extra_state", "moments._extra_state"} - set(state_dict))
         if (strict and (missing or unexpected)) or "_extra_state" in missing:
             raise ValueError(
                 f"state_dict lacks {missing} and has unexpected keys {unexpected}; pass the "
                 "output of SWAGCollector.state_dict()"
             )
-        _check_layout(state_dict["_extra_state"]["layout"], _layout(self), "checkpoint")
-        self.moments.check_state(state_dict, "moments.", dtype=self.loc.dtype)
+        _check_layout(state_dict["_extra_state"]["layout"], _layout(self), "the checkpoint")
+        if any(k.startswith("moments.") for k in state_dict):
+            self.moments.check_state(state_dict, "moments.", dtype=self.loc.dtype)
         loc = state_dict.get("loc")
         if loc is not None and loc.shape != self.loc.shape:
             raise ValueError(
@@ -230,8 +222,6 @@ class SWAGGuide(FittedContinuous):
     layout : list of (str, tuple), optional
         Site names and unconstrained shapes, checked against the model when the guide
         first runs.
-    observed : list of str, optional
-        Names of the model's observed sites (see :class:`FittedContinuous`).
     """
 
     def __init__(
@@ -243,7 +233,6 @@ class SWAGGuide(FittedContinuous):
         scale: float = 1.0,
         diagonal: bool = False,
         layout: list | None = None,
-        observed: list[str] | None = None,
     ) -> None:
         super().__init__(model)
         for name, value in (("loc", loc), ("variance", variance), ("deviations", deviations)):
@@ -284,7 +273,6 @@ class SWAGGuide(FittedContinuous):
         self.scale = scale
         self.diagonal = diagonal
         self.layout = layout
-        self.observed = None if observed is None else list(observed)
         #: How ``scale`` was chosen (a plain dict from :mod:`pyro_swag.calibrate`), or None.
         self.calibration: dict | None = None
 
@@ -338,7 +326,6 @@ class SWAGGuide(FittedContinuous):
             "scale": self.scale,
             "diagonal": self.diagonal,
             "layout": self.layout,
-            "observed": self.observed,
             "calibration": self.calibration,
         }
 
@@ -346,7 +333,6 @@ class SWAGGuide(FittedContinuous):
         self.scale = state["scale"]
         self.diagonal = bool(state["diagonal"])
         self.layout = state["layout"]
-        self.observed = state.get("observed")
         self.calibration = state.get("calibration")
 
     @classmethod
@@ -369,7 +355,6 @@ class SWAGGuide(FittedContinuous):
             scale=extra["scale"],
             diagonal=extra["diagonal"],
             layout=[(n, tuple(s)) for n, s in extra["layout"]] if extra["layout"] else None,
-            observed=extra.get("observed"),
         )
         guide.calibration = extra.get("calibration")
         return guide

@@ -82,7 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"argument --threads: must be >= 1, got {args.threads}")
-    if args.data_dir is not None and not args.uci:
+    from .data import UCI_DATASETS
+
+    if args.data_dir is not None and not (args.uci or args.dataset.removeprefix("uci:")
+                                          in UCI_DATASETS):
         parser.error(f"argument --data-dir: only used with --uci NAME, got --dataset "
                      f"{args.dataset}; drop --data-dir or pass --uci")
     import torch

@@ -230,6 +230,11 @@ def loo(dt: xr.DataTree, corrected: bool | None = None, pointwise: bool = True,
     Computed in float64.
     """
     dt = _float64(dt)
+    if _corrected(dt, corrected):  # weights p / (q p(y_i | theta)) vary even where ll does not
+        ss = dt["sample_stats"]
+        return arviz_stats.loo_approximate_posterior(
+            dt, ss["log_p"], ss["log_q"], pointwise=pointwise, var_name=var_name
+        )
     for name, ll in dt["log_likelihood"].data_vars.items():
         flat = ll.stack(_s=("chain", "draw"))
         same = (flat == flat.isel(_s=0)).all("_s")
@@ -239,11 +244,6 @@ def loo(dt: xr.DataTree, corrected: bool | None = None, pointwise: bool = True,
                 "point(s) (masked, or independent of the latents): PSIS-LOO cannot weight "
                 "them; export without those points"
             )
-    if _corrected(dt, corrected):
-        ss = dt["sample_stats"]
-        return arviz_stats.loo_approximate_posterior(
-            dt, ss["log_p"], ss["log_q"], pointwise=pointwise, var_name=var_name
-        )
     return arviz_stats.loo(dt, pointwise=pointwise, var_name=var_name)
 
 

@@ -59,8 +59,7 @@ __all__ = [
 
 def _guide_from(source, loc, variance, deviations, scale: float, diagonal: bool) -> SWAGGuide:
     """A :class:`SWAGGuide` set up with the latent layout of ``source`` (collector or guide)."""
-    guide = SWAGGuide(source.model, loc, variance, deviations, scale, diagonal, _layout(source),
-                      observed=source.observed)
+    guide = SWAGGuide(source.model, loc, variance, deviations, scale, diagonal, _layout(source))
     return _adopt_prototype(guide, source)
 
 

@@ -180,6 +180,8 @@ class BayesianMLP(PyroModule):
         activation: str = "tanh",
     ) -> None:
         super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood={likelihood!r} is not one of {LIKELIHOODS}")
 
         def width(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= 1

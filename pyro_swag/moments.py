@@ -234,6 +234,8 @@ class SWAGMoments(nn.Module):
             )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
+        if prefix and not any(k.startswith(prefix) for k in state_dict):  # a parent, strict=False
+            return
         self.check_state(state_dict, prefix)
         mean = state_dict.get(prefix + "mean")
         if mean is None:  # saved before the first snapshot: start afresh

@@ -126,7 +126,6 @@ class MultiSWAG(FittedContinuous):
         self.register_buffer("cov_diag", torch.stack([p[2].to(device, dtype) for p in parts]))
         self.register_buffer("weights", self._check_weights(weights, len(parts), device, dtype))
         self.layout = layout
-        self.observed = next((g.observed for g in guides if g.observed is not None), None)
 
     @staticmethod
     def _check_weights(weights, num_runs: int, device, dtype) -> torch.Tensor:
@@ -222,11 +221,10 @@ class MultiSWAG(FittedContinuous):
 
     # ------------------------------------------------------------- persistence
     def get_extra_state(self) -> dict[str, Any]:
-        return {"layout": self.layout, "observed": self.observed}
+        return {"layout": self.layout}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.layout = state["layout"]
-        self.observed = state.get("observed")
 
     @classmethod
     def from_state_dict(cls, model: Callable, state_dict: dict[str, Any]) -> MultiSWAG:
@@ -254,10 +252,8 @@ class MultiSWAG(FittedContinuous):
         for name in names[:3]:
             guide.register_buffer(name, state_dict[name].clone())
         guide.register_buffer("weights", cls._check_weights(w, runs, loc.device, loc.dtype))
-        extra = state_dict.get("_extra_state", {})
-        layout = extra.get("layout")
+        layout = state_dict.get("_extra_state", {}).get("layout")
         guide.layout = [(n, tuple(s)) for n, s in layout] if layout else None
-        guide.observed = extra.get("observed")
         return guide
 
 

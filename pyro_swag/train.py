@@ -255,7 +255,7 @@ def fit(
             stacklevel=2,
         )
 
-    config = {
+    config = _fitargs.plain({
         "epochs": epochs,
         "swa_start": swa_start,
         "collect_every": collect_every,
@@ -267,10 +267,10 @@ def fit(
         "batch_size": batch_size,
         "anneal": [anneal_epochs, anneal_strategy, anneal_from],
         "swa_batches": swa_batches,
-    }
+    })
     if kind:
-        config["precondition"] = kind
-        config["precondition_damping"] = pre.damping if pre else precondition_damping
+        damping = pre.damping if pre else precondition_damping
+        config.update(precondition=kind, precondition_damping=_fitargs.plain(damping))
     history: dict[str, Any] = {
         "epoch": [],
         "phase": [],

@@ -25,6 +25,8 @@ def test_repeated_methods_and_a_stray_data_dir_are_refused(capsys):
         main(["compare", "--data-dir", "/tmp", "--quiet"])
     assert exc.value.code == 2
     assert "--data-dir: only used with --uci" in capsys.readouterr().err
+    assert main(["compare", "--dataset", "yacht", "--data-dir", "/nonexistent", "--quiet"]) == 2
+    assert "--data-dir: only used" not in capsys.readouterr().err  # a UCI name: it is used
 
 
 def test_rmse_checkpoints_on_categorical_data_and_bad_network_widths_are_refused():
@@ -41,3 +43,5 @@ def test_rmse_checkpoints_on_categorical_data_and_bad_network_widths_are_refused
         with pytest.raises(ValueError, match=match):
             BayesianMLP(**{"in_features": 3, **kwargs})
     assert len(BayesianMLP(3, hidden=()).layers) == 1  # a Bayesian linear model
+    with pytest.raises(ValueError, match="likelihood='gausian' is not one of"):
+        BayesianMLP(3, likelihood="gausian")

@@ -63,7 +63,7 @@ def test_auto_rate_on_a_loader_with_one_full_batch_is_refused_before_training():
     x, y = make_data()
     collector = SWAGCollector(linreg, rank=3)
     one = DataLoader(TensorDataset(x, y), batch_size=100)  # 100 + 20 rows: one full batch
-    with pytest.raises(ValueError, match="at least 2 full batches, but 120 rows give 1"):
+    with pytest.raises(ValueError, match="at least 2 full batches, but 120 rows an epoch give 1"):
         fit(linreg, collector, one, **{**KW, "swa_lr": "auto"})
     assert collector.prototype_trace is None  # nothing ran
 
@@ -97,3 +97,27 @@ def test_bad_objects_are_refused_before_the_collector_is_set_up(tmp_path):
         with pytest.raises(error, match=match):
             fit(linreg, collector, (x, y), batch_size=20, **KW, **kwargs)
     assert collector.prototype_trace is None
+
+
+def test_numpy_settings_still_give_a_loadable_checkpoint(tmp_path):
+    x, y = make_data()
+    ckpt = tmp_path / "fit.pt"
+    kw = {**KW, "epochs": np.int64(7), "swa_start": np.int64(3), "swa_lr": np.float32(0.02)}
+    fit(linreg, SWAGCollector(linreg, rank=3), (x, y), batch_size=np.int64(20), **kw,
+        checkpoint=ckpt, callback=lambda epoch, h: epoch == 4)
+    torch.load(ckpt, weights_only=True)  # no NumPy object inside
+    pyro.clear_param_store()
+    _, hist = fit(linreg, SWAGCollector(linreg, rank=3), (x, y), batch_size=np.int64(20), **kw,
+                  checkpoint=ckpt, resume=True)
+    assert hist["epoch"] == list(range(7))
+
+
+def test_auto_rate_counts_what_a_sampler_with_replacement_draws():
+    from torch.utils.data import RandomSampler
+
+    x, y = make_data(15)
+    ds = TensorDataset(x, y)
+    loader = DataLoader(ds, batch_size=10,
+                        sampler=RandomSampler(ds, replacement=True, num_samples=200))
+    guide, hist = fit(linreg, SWAGCollector(linreg, rank=3), loader, **{**KW, "swa_lr": "auto"})
+    assert hist["swa_lr"] > 0 and guide is not None

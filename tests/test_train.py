@@ -272,7 +272,7 @@ def test_num_data_arg_reaches_the_rate_and_curvature_estimates(kw):
     (dict(clip_norm=0.0), "got clip_norm=0.0"),
     (dict(swa_batches="iid"), r"swa_batches must be one of \('epoch', 'independent'\)"),
     (dict(swa_lr="auto", batch_size=150), "swa_lr='auto' estimates gradient noise from at "
-                                          "least 2 full batches, but 200 rows give 1"),
+                                          "least 2 full batches, but 200 rows an epoch give 1"),
 ])
 def test_swa_phase_arguments_are_checked_before_any_training(bad, match):
     x, y = make_data()
