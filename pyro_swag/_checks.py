@@ -11,6 +11,11 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def is_int(value, low: int = 1) -> bool:
+    """Whether ``value`` is an integer (Python's or NumPy's, not a ``bool``) ``>= low``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+
+
 def is_positive_finite(value) -> bool:
     """Whether ``value`` is a real number in ``(0, inf)``."""
     return is_real(value) and 0 < value < math.inf

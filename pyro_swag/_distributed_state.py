@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .autoguide import _layout
+from ._fitted import _layout
 
 _NAME = re.compile(r"swag-rank(\d+)-of-(\d+)\.pt")
 

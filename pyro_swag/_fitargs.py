@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 import warnings
 
@@ -10,7 +9,7 @@ import numpy as np
 import pyro.optim
 import torch
 
-from ._checks import is_positive_finite
+from ._checks import is_int, is_positive_finite
 from ._minibatch import _TensorBatches
 
 ANNEAL_STRATEGIES = ("cos", "linear")
@@ -18,7 +17,7 @@ SWA_BATCHES = ("epoch", "independent")
 
 
 def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    if not is_int(value, low):
         raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
 
 

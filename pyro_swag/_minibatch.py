@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import numbers
 from collections.abc import Callable, Iterable
 
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
+
+from ._checks import is_int
 
 DEFAULT_BATCH = 128
 
@@ -66,7 +67,7 @@ def _batches(data, batch_size, num_data):
         if num_data is not None and num_data != n:
             raise ValueError(f"num_data={num_data} but the data tuple has {n} rows; drop num_data")
         bs = min(n, DEFAULT_BATCH) if batch_size is None else batch_size
-        if isinstance(bs, bool) or not isinstance(bs, numbers.Integral) or bs < 1:
+        if not is_int(bs):
             raise ValueError(f"batch_size must be an integer >= 1, got batch_size={batch_size!r}")
         return _TensorBatches(tuple(data), min(int(bs), n)), n
     if not isinstance(data, Iterable):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -25,6 +24,7 @@ from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch.distributions import biject_to
 
+from ._checks import is_int
 from .multiswag import MultiSWAG
 from .predictive import log_joint, log_likelihood, predictive, sample_latents, unpack_latents
 
@@ -191,7 +191,7 @@ def _pack(guide, values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.T
 def _check_count(name: str, value, default: int) -> int:
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_int(value):
         raise ValueError(f"{name} must be a positive int or None, got {name}={value!r}")
     return int(value)
 

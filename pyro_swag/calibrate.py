@@ -31,13 +31,13 @@ saved in the guide's ``state_dict`` and exported to DataTree attributes).
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
+from ._checks import is_int
 from .autoguide import SWAGGuide
 from .datatree import psis_diagnostic
 from .predictive import log_joint, log_likelihood, sample_latents, unpack_latents
@@ -121,19 +121,15 @@ def _psis(log_p: torch.Tensor, log_q: torch.Tensor) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------ search
-def _is_int(value, low: int) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
-
-
 def _check(guide, scales, num_samples, refine_iters: int = 0) -> list[float]:
     if not isinstance(guide, SWAGGuide):
         raise TypeError(
             f"guide must be a SWAGGuide (a Gaussian with a settable scale), got "
             f"{type(guide).__name__}; make one with collector.swag_guide()"
         )
-    if not _is_int(num_samples, 2):
+    if not is_int(num_samples, 2):
         raise ValueError(f"num_samples must be an int >= 2, got num_samples={num_samples!r}")
-    if not _is_int(refine_iters, 0):
+    if not is_int(refine_iters, 0):
         raise ValueError(f"refine_iters must be an int >= 0, got refine_iters={refine_iters!r}")
     if scales is not None and not isinstance(scales, (list, tuple, torch.Tensor)):
         raise TypeError(

@@ -43,7 +43,8 @@ from ._distributed_comm import (
     rank_size,
 )
 from ._distributed_state import apply_checkpoint, check_checkpoint, checkpoint_path, other_world
-from .autoguide import SWAGCollector, SWAGGuide, _adopt_prototype, _layout
+from ._fitted import _adopt_prototype, _layout
+from .autoguide import SWAGCollector, SWAGGuide
 from .moments import SWAGMoments
 
 __all__ = [

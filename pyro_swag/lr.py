@@ -49,7 +49,6 @@ Hessian-vector products.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
@@ -59,7 +58,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
 
-from ._checks import is_real
+from ._checks import is_int, is_real
 
 __all__ = ["GradientNoise", "gradient_noise", "suggest_swa_lr"]
 
@@ -257,7 +256,7 @@ def gradient_noise(
         is :math:`N/(N-B)` times a batch's; ``method="batch"`` corrects for that unless
         this is set.
     """
-    if isinstance(num_data, bool) or not isinstance(num_data, numbers.Integral) or num_data < 1:
+    if not is_int(num_data):
         raise ValueError(f"num_data must be a positive int (the full data size), got {num_data!r}")
     num_data = int(num_data)
     if getattr(collector, "prototype_trace", None) is None:

@@ -21,7 +21,7 @@ from pyro.nn import PyroModule, PyroSample
 from pyro.poutine.messenger import Messenger
 from torch import nn
 
-from ._checks import is_positive_finite
+from ._checks import is_int, is_positive_finite
 
 __all__ = ["BayesianMLP", "BetaNLL", "HETEROSCEDASTIC", "LIKELIHOODS", "MIN_SD", "observe"]
 
@@ -182,13 +182,9 @@ class BayesianMLP(PyroModule):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r} is not one of {LIKELIHOODS}")
-
-        def width(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-        if not width(in_features):
+        if not is_int(in_features):
             raise ValueError(f"in_features must be an int >= 1, got in_features={in_features!r}")
-        if not (isinstance(hidden, (tuple, list)) and all(map(width, hidden))):
+        if not (isinstance(hidden, (tuple, list)) and all(map(is_int, hidden))):
             raise ValueError(
                 f"hidden must be a tuple of layer widths, ints >= 1, got hidden={hidden!r}; "
                 "e.g. hidden=(50,), or () for a Bayesian linear model"

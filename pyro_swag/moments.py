@@ -27,13 +27,12 @@ when the spread is tiny compared with the mean. Deviations live in a preallocate
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._checks import is_real
+from ._checks import is_int, is_real
 
 __all__ = ["SWAGMoments"]
 
@@ -68,7 +67,7 @@ class SWAGMoments(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        if not is_int(rank):
             raise ValueError(f"rank must be an integer >= 1, got rank={rank!r}; use e.g. rank=20")
         if not (is_real(min_var) and 0 <= min_var < math.inf):
             raise ValueError(

@@ -52,6 +52,7 @@ import torch
 from pyro.optim.optim import normalize_param_name
 from torch.optim.swa_utils import SWALR
 
+from ._checks import is_int
 from ._curvature import (
     Preconditioner,
     _curvature_parts,
@@ -197,7 +198,7 @@ def preconditioned_lr(
     if rule not in ("matched", "kl"):
         raise ValueError(f"rule must be 'matched' or 'kl', got rule={rule!r}")
     check_rate_args(momentum, stability_fraction)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size):
         raise ValueError(f"batch_size must be a positive int, got batch_size={batch_size!r}")
     if rule == "kl" and not pre.noise_trace > 0:
         raise RuntimeError(_NO_NOISE)
