@@ -6,33 +6,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from _compare_cases import small, tiny
 
 import pyro_swag.compare_report as compare_report
 from pyro_swag.cli import main
-from pyro_swag.compare import METHODS, compare, make_model, quick_config
+from pyro_swag.compare import METHODS, compare, make_model
 from pyro_swag.compare_metrics import _ece, _set_coverage, agreement, scores
-from pyro_swag.data import Dataset, load_dataset
+from pyro_swag.data import Dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tiny(**overrides):
-    values = dict(pretrain_steps=60, swa_snapshots=5, rank=4, num_samples=30,
-                  multiswag_runs=2, svi_steps=60, nuts_warmup=10, nuts_samples=30,
-                  nuts_max_tree_depth=3, nuts_budget_s=60.0)
-    values.update(overrides)
-    return quick_config(**values)
-
-
-def _small(name="diabetes", n=100, n_test=40):
-    d = load_dataset(name)
-    return Dataset(d.name, d.likelihood, d.x_train[:n], d.y_train[:n], d.x_test[:n_test],
-                   d.y_test[:n_test], d.y_mean, d.y_std, d.num_classes, d.split)
-
-
 def test_compare_end_to_end_writes_every_output(tmp_path):
     out = tmp_path / "report"
-    summary = compare(_small(), out, config=tiny(), quiet=True)
+    summary = compare(small(), out, config=tiny(), quiet=True)
     names = {p.name for p in out.iterdir()}
     assert {"report.md", "results.json", "predictive.png", "calibration.png",
             "forest.png"} <= names
@@ -58,7 +45,7 @@ def test_compare_end_to_end_writes_every_output(tmp_path):
     assert "| SWAG |" in first and "Agreement with NUTS" in first
     # a second run into the same directory replaces the report, leaving no stale method files
     (out / "nuts.nc").write_text("stale")
-    compare(_small(), out, config=tiny(methods=("map",)), quiet=True)
+    compare(small(), out, config=tiny(methods=("map",)), quiet=True)
     assert not (out / "nuts.nc").exists()
     assert list(json.loads((out / "results.json").read_text())["methods"]) == ["map"]
     text = (out / "report.md").read_text()
@@ -67,7 +54,7 @@ def test_compare_end_to_end_writes_every_output(tmp_path):
 
 
 def test_classification_reports_accuracy_and_ece(tmp_path):
-    d = _small("breast_cancer", 150)
+    d = small("breast_cancer", 150)
     res = compare(d, None, config=tiny(methods=("map", "swag")), quiet=True)
     for row in res["methods"].values():
         assert 0.5 < row["accuracy"] <= 1 and 0 <= row["ece"] <= 1
@@ -75,7 +62,7 @@ def test_classification_reports_accuracy_and_ece(tmp_path):
 
 
 def test_nuts_over_budget_is_skipped_with_a_note():
-    res = compare(_small(), None, config=tiny(methods=("nuts",), nuts_budget_s=0.0), quiet=True)
+    res = compare(small(), None, config=tiny(methods=("nuts",), nuts_budget_s=0.0), quiet=True)
     row = res["methods"]["nuts"]
     assert row["status"] == "skipped" and "time budget" in row["note"]
 
@@ -102,7 +89,7 @@ def test_failure_while_writing_leaves_no_complete_looking_report(tmp_path, monke
     monkeypatch.setattr(compare_report, "write_outputs", boom)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk full"):
-        compare(_small(), out, config=tiny(methods=("map",)), quiet=True)
+        compare(small(), out, config=tiny(methods=("map",)), quiet=True)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -216,169 +203,9 @@ def test_example_smoke(tmp_path):
     assert (tmp_path / "ex" / "results.json").is_file()
 
 
-def test_diverging_swa_phase_is_retried_then_reported_failed():
-    res = compare(_small(), None, config=tiny(methods=("swag",), swa_c=1e6, swa_retries=1,
-                                               swa_stability=None),
-                  quiet=True)
-    row = res["methods"]["swag"]
-    assert row["status"] == "failed"
-    assert "diverged" in row["note"] and "after 1 retries" in row["note"]
-
-
-def test_swa_rate_is_capped_by_the_curvature():
-    from pyro_swag.compare_methods import run_method
-
-    data = _small()
-    model = make_model(data)
-    loose = run_method("swag", model, None, data, tiny(swa_stability=None), {}, quiet=True)
-    assert "curvature" not in loose.extra
-    assert loose.extra["swa_lr"] == loose.extra["swa_lr_uncapped"]
-    capped = run_method("swag", model, None, data, tiny(swa_stability=1e-4), {}, quiet=True)
-    curvature = capped.extra["curvature"]
-    assert curvature > 0
-    assert capped.extra["swa_lr"] == pytest.approx(1e-4 * 2 * 1.9 / curvature)
-    assert capped.extra["swa_lr"] < capped.extra["swa_lr_uncapped"]
-
-
-def test_per_run_selection_picks_the_best_held_out_setting():
-    from pyro_swag.compare_swag import train_swag
-
-    data = _small()
-    cfg = tiny(pretrain_batch_grid=(16, 90), swa_c_grid=(0.03, 0.3))
-    run = train_swag(make_model(data), data, cfg, seed=0, quiet=True)
-    assert run["pretrain_batch"] in (16, 90) and math.isfinite(run["pretrain_val_ll"])
-    pre = run["pretrain_selection"]
-    assert len(pre) == 2 and run["pretrain_val_ll"] == max(pre.values())
-    assert pre[f"batch={run['pretrain_batch']}"] == max(pre.values())
-    selection = run["swa_c_selection"]
-    assert set(selection) == {0.03, 0.3}
-    assert run["swa_c"] == pytest.approx(max(selection, key=selection.get))
-    assert run["snapshots"] == cfg.swa_snapshots  # the final phase ran on all training data
-    default = train_swag(make_model(data), data, tiny(), seed=0, quiet=True)
-    assert default["swa_c_selection"] is None and default["swa_c"] == pytest.approx(0.1)
-
-
-@pytest.mark.parametrize("grid", [dict(swa_c_grid=()), dict(swa_c_grid=(0.1, -1.0)),
-                                  dict(pretrain_batch_grid=(0,))])
-def test_bad_selection_grid_names_the_argument(grid):
-    name = next(iter(grid))
-    with pytest.raises(ValueError, match=f"{name} must be None or a non-empty tuple"):
-        tiny(**grid)
-
-
-@pytest.mark.parametrize("patience, checks", [(None, 6), (1, 2)])
-def test_patience_none_runs_every_step_and_keeps_the_best_point(monkeypatch, patience, checks):
-    import pyro_swag.compare_swag as cs
-
-    scores_seen = iter([0.5, 0.1, 0.2, 0.3, 0.9, 0.4])  # best at the 5th check
-    seen, points = [], []
-
-    def fake_val_scores(model, collector, x, y, val, mse):
-        seen.append(next(scores_seen))
-        points.append(collector.loc.detach().clone())
-        return seen[-1], -math.inf
-
-    monkeypatch.setattr(cs, "_val_scores", fake_val_scores)
-    data = _small()
-    cfg = tiny(pretrain_steps=60, eval_every=10, patience=patience, swa_c_grid=None)
-    run = cs.train_swag(make_model(data), data, cfg, seed=0, quiet=True)
-    assert len(seen) == checks and run["pretrain_val_ll"] == max(seen)
-    collector = run["collector"]
-    with torch.no_grad():  # the MAP handed to the SWA phase is the best held-out point
-        collector.loc.copy_(points[seen.index(max(seen))])
-        kept = collector(data.x_train, data.y_train, num_data=data.x_train.shape[0])
-    for name, value in run["map"].items():
-        torch.testing.assert_close(value, kept[name])
-
-
-@pytest.mark.parametrize("select", ["map", "swag"])
-def test_joint_selection_scores_every_pretraining_run_with_the_swag_predictive(monkeypatch,
-                                                                             select):
-    import pyro_swag.compare_swag as cs
-
-    scores_seen = iter([0.1, 0.2, 0.9, 0.3])  # (best MAP run: c=0.03, 0.3), (other run: ...)
-    monkeypatch.setattr(cs, "_val_predictive", lambda *a: next(scores_seen))
-    data = _small()
-    cfg = tiny(pretrain_batch_grid=(16, 90), swa_c_grid=(0.03, 0.3), pretrain_select=select)
-    run = cs.train_swag(make_model(data), data, cfg, seed=0, quiet=True)
-    pre = run["pretrain_selection"]
-    worse = min(pre, key=pre.get)
-    if select == "swag":  # the worse MAP gave the best SWAG predictive: it wins, with c=0.03
-        assert run["pretrain_val_ll"] == pre[worse] and worse == f"batch={run['pretrain_batch']}"
-        assert run["swa_c"] == 0.03 and run["swa_c_selection"] == {0.03: 0.9, 0.3: 0.3}
-    else:  # the best MAP's run only; its better rate
-        assert run["pretrain_val_ll"] == max(pre.values()) and run["swa_c"] == 0.3
-        assert run["swa_c_selection"] == {0.03: 0.1, 0.3: 0.2}
-    with pytest.raises(ValueError, match="pretrain_select='nope'"):
-        tiny(pretrain_select="nope")
-
-
-def test_rmse_checkpoint_is_a_second_candidate_of_the_joint_selection(monkeypatch):
-    import pyro_swag.compare_swag as cs
-
-    # held-out (LL, -MSE) per check: LL is best at check 2, squared error at check 4
-    checks = iter([(0.1, -9.0), (0.8, -5.0), (0.3, -4.0), (0.2, -1.0), (0.0, -2.0)])
-    points = []
-
-    def fake_val_scores(model, collector, x, y, val, mse):
-        assert mse  # the squared error is only computed when a checkpoint needs it
-        points.append(collector.loc.detach().clone())
-        return next(checks)
-
-    monkeypatch.setattr(cs, "_val_scores", fake_val_scores)
-    swag_scores = iter([0.1, 0.2, 0.9, 0.3])  # (LL point: c=0.03, 0.3), (RMSE point: ...)
-    monkeypatch.setattr(cs, "_val_predictive", lambda *a: next(swag_scores))
-    data = _small()
-    cfg = tiny(pretrain_steps=50, eval_every=10, patience=None, swa_c_grid=(0.03, 0.3),
-               pretrain_select="swag", pretrain_checkpoints=("ll", "rmse"))
-    run = cs.train_swag(make_model(data), data, cfg, seed=0, quiet=True)
-    size = cfg.pretrain_batch_size
-    assert run["pretrain_selection"] == {f"batch={size}": 0.8, f"batch={size},rmse": 0.2}
-    # the RMSE point's SWAG predictive won, with c = 0.03; its held-out LL is recorded
-    assert run["pretrain_checkpoint"] == "rmse" and run["swa_c"] == 0.03
-    assert run["pretrain_val_ll"] == 0.2
-    collector = run["collector"]
-    with torch.no_grad():  # the MAP handed to the SWA phase is the 4th check's point
-        collector.loc.copy_(points[3])
-        kept = collector(data.x_train, data.y_train, num_data=data.x_train.shape[0])
-    for name, value in run["map"].items():
-        torch.testing.assert_close(value, kept[name])
-
-
-@pytest.mark.parametrize("bad", [("ll", "mae"), (), ("ll", "ll"), "ll"])
-def test_bad_pretrain_checkpoints_name_the_argument(bad):
-    with pytest.raises(ValueError, match="pretrain_checkpoints"):
-        tiny(pretrain_checkpoints=bad)
-
-
-def test_scale_grid_chooses_the_scale_with_the_rate_on_held_out_data(monkeypatch):
-    import pyro_swag.calibrate as cal
-    import pyro_swag.compare_swag as cs
-
-    curves = iter([[0.1, 0.5, 0.2], [0.3, 0.4, 0.9]])  # c=0.03: best 0.5 at s=1; c=0.3: s=4
-
-    def fake_validation(model, guide, *args, scales, num_samples, refine, apply):
-        assert not refine and not apply and scales == [0.25, 1.0, 4.0]
-        curve = next(curves)
-        return cal.Calibration("validation", scales[curve.index(max(curve))], scales,
-                               {"log_likelihood": curve}, "log_likelihood", num_samples, 1.0)
-
-    monkeypatch.setattr(cal, "calibrate_validation", fake_validation)
-    data = _small()
-    cfg = tiny(swa_c_grid=(0.03, 0.3), swa_scale_grid=(0.25, 1.0, 4.0))
-    run = cs.train_swag(make_model(data), data, cfg, seed=0, quiet=True)
-    assert run["swa_c"] == 0.3 and run["swa_c_selection"] == {0.03: 0.5, 0.3: 0.9}
-    guide = run["guide"]
-    assert guide.scale == 4.0 and guide.calibration["curve"]["log_likelihood"] == [0.3, 0.4, 0.9]
-    with pytest.raises(ValueError, match="swa_scale_grid.*swa_c_grid"):
-        tiny(swa_scale_grid=(1.0, 2.0))
-    with pytest.raises(ValueError, match="swa_scale_grid"):
-        tiny(swa_c_grid=(0.1,), swa_scale_grid=(1.0, -2.0))
-
-
 # ------------------------------------------------- methods independent of each other
 def test_svi_leaves_the_models_initial_weights_alone():
-    data, cfg = _small(), tiny(methods=("svi_lowrank",))
+    data, cfg = small(), tiny(methods=("svi_lowrank",))
     model = make_model(data, cfg.hidden, cfg.seed)
     before = {k: v.clone() for k, v in model._initial.items()}
     alone = compare(data, None, config=cfg, quiet=True)["methods"]["svi_lowrank"]["test_ll"]
@@ -389,7 +216,7 @@ def test_svi_leaves_the_models_initial_weights_alone():
 
 
 def test_a_methods_numbers_do_not_depend_on_the_methods_before_it():
-    data = _small()
+    data = small()
     keys = ("test_ll", "coverage_90", "loo_elpd", "loo_max_k")
     alone = compare(data, None, config=tiny(methods=("swag",)), quiet=True)["methods"]["swag"]
     later = compare(data, None, config=tiny(methods=("map", "svi_normal", "swag")),
@@ -406,7 +233,7 @@ def test_a_diverged_swa_phase_keeps_the_map_and_nuts(tmp_path):
     try:
         cfg = tiny(methods=("map", "swag", "swa", "nuts"), swa_c=1e6, swa_retries=1,
                    swa_stability=None)
-        rows = compare(_small(), tmp_path / "r", config=cfg, quiet=True)["methods"]
+        rows = compare(small(), tmp_path / "r", config=cfg, quiet=True)["methods"]
     finally:
         cs._pretrain = real
     assert rows["map"]["status"] == "ok" and rows["nuts"]["status"] == "ok"
@@ -420,7 +247,7 @@ def test_regression_loo_is_in_original_units(tmp_path):
 
     from pyro_swag.datatree import loo
 
-    data = _small()
+    data = small()
     rows = compare(data, tmp_path / "r", config=tiny(methods=("swag",)), quiet=True)["methods"]
     raw = float(loo(xr.open_datatree(tmp_path / "r" / "swag.nc", engine="h5netcdf")).elpd)
     n = data.x_train.shape[0]
@@ -429,7 +256,7 @@ def test_regression_loo_is_in_original_units(tmp_path):
 
 
 def test_extreme_importance_ratios_give_a_real_loo_not_nan(tmp_path):
-    data = _small("digits", n=300, n_test=100)
+    data = small("digits", n=300, n_test=100)
     out = tmp_path / "r"
     rows = compare(data, out, config=tiny(methods=("calibrated_swag", "nuts")),
                    quiet=True)["methods"]

@@ -74,14 +74,14 @@ def test_classification_data_refuses_a_heteroscedastic_network(tmp_path, capsys)
 
 def test_swag_learns_the_noise_that_grows_with_x():
     data = _noisy_line(400, 2)
-    cfg = quick_config(pretrain_steps=1500, methods=("map", "swag"), heteroscedastic=True,
+    cfg = quick_config(pretrain_steps=600, methods=("map", "swag"), heteroscedastic=True,
                        num_samples=30, swa_snapshots=10, pretrain_val_fraction=0.0)
     pyro.set_rng_seed(0)
     summary = compare(data, None, config=cfg, quiet=True)
     for name in ("map", "swag"):
         row = summary["methods"][name]
         assert row["status"] == "ok" and math.isfinite(row["test_ll"]), row
-    homo = compare(data, None, config=quick_config(pretrain_steps=1500, methods=("swag",),
+    homo = compare(data, None, config=quick_config(pretrain_steps=600, methods=("swag",),
                                                    num_samples=30, swa_snapshots=10,
                                                    pretrain_val_fraction=0.0), quiet=True)
     # the true noise is far from constant, so the per-input sd must win on test data
