@@ -24,10 +24,12 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch.distributions import Distribution
-from torch.distributions.transforms import Transform
+from torch.distributions.transforms import Transform, _InverseTransform
 from torch.distributions.utils import _standard_normal
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._checks import is_int
 
 
 # ------------------------------------------------------------- distribution flattening
@@ -37,7 +39,9 @@ def _flatten(obj: Any, out: list) -> tuple:
         out.append(obj)
         return ("t", len(out) - 1)
     if isinstance(obj, (Distribution, Transform)):
-        state = {k: _flatten(v, out) for k, v in vars(obj).items() if k != "_inv"}
+        # a Transform's _inv caches its inverse (dropped); an inverse's _inv is its forward
+        keep = isinstance(obj, _InverseTransform)
+        state = {k: _flatten(v, out) for k, v in vars(obj).items() if keep or k != "_inv"}
         return ("o", type(obj), state)
     if type(obj) in (list, tuple):
         return ("l", type(obj), [_flatten(v, out) for v in obj])
@@ -54,7 +58,7 @@ def _rebuild(spec: tuple, tensors: Sequence[torch.Tensor], i: int) -> Any:
     if kind == "o":
         obj = object.__new__(spec[1])
         obj.__dict__.update({k: _rebuild(v, tensors, i) for k, v in spec[2].items()})
-        if isinstance(obj, Transform):
+        if isinstance(obj, Transform) and not isinstance(obj, _InverseTransform):
             obj._inv = None
         return obj
     if kind == "l":
@@ -162,9 +166,10 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def _check_positive_int(value: Any, name: str) -> int:
+    if not is_int(value):
         raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+    return int(value)
 
 
 def _num_draws(samples: dict[str, torch.Tensor], name: str) -> int:
@@ -182,7 +187,7 @@ def _num_draws(samples: dict[str, torch.Tensor], name: str) -> int:
 def _chunks(num: int, chunk_size: int | None) -> list[slice]:
     if chunk_size is None:
         return [slice(0, num)]
-    _check_positive_int(chunk_size, "chunk_size")
+    chunk_size = _check_positive_int(chunk_size, "chunk_size")
     return [slice(a, min(a + chunk_size, num)) for a in range(0, num, chunk_size)]
 
 

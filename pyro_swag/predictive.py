@@ -44,6 +44,7 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoContinuous
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import LowRankMultivariateNormal, biject_to
 from torch.distributions.utils import _standard_normal
 
@@ -108,7 +109,7 @@ def sample_latents(guide: Any, num_samples: int, *args, **kwargs) -> torch.Tenso
     torch.Tensor
         Shape (S, P), on the guide's device and dtype.
     """
-    _check_positive_int(num_samples, "num_samples")
+    num_samples = _check_positive_int(num_samples, "num_samples")
     if isinstance(guide, AutoContinuous) and guide.prototype_trace is None:
         guide._setup_prototype(*args, **kwargs)
     _require_continuous(guide, "sample_latents")
@@ -230,13 +231,13 @@ def predictive(
     if (guide is None) == (posterior_samples is None):
         raise ValueError("give exactly one of guide=... or posterior_samples=...")
     if guide is not None:
-        _check_positive_int(num_samples, "num_samples")
+        num_samples = _check_positive_int(num_samples, "num_samples")
         values = _guide_draws(guide, num_samples, args, kwargs)
     else:
         values = posterior_samples
     num = _num_draws(values, "posterior_samples")
     if chunk_size is not None:
-        _check_positive_int(chunk_size, "chunk_size")
+        chunk_size = _check_positive_int(chunk_size, "chunk_size")
     rng = pyro.util.get_rng_state()
     proto = _prototype(model, args, kwargs)
     sites = _select_sites(proto, return_sites, values, guide is not None)
@@ -271,7 +272,8 @@ def _predict_vectorized(model, values, sites, args, kwargs, chunk_size) -> dict:
         ]
         names = {m["name"] for m in deferred}
         spec["fixed"] = [s for s in sites if s not in names]
-        spec["followed"] = _followed(trace, names)
+        # the return value may use a predicted value too (NaN placeholders miss `y > 0`)
+        spec["followed"] = _followed(trace, names) or bool(names) and "_RETURN" in sites
         fixed = [ret if s == "_RETURN" else trace.nodes[s]["value"] for s in spec["fixed"]]
         return tuple(fixed), tuple(flat)
 
@@ -327,6 +329,7 @@ def log_likelihood(
     """
     samples = _shaped_samples(model, samples, args, kwargs, "log_likelihood")
     names: list[str] = []
+    plates: list[str] = []  # subsampled plates: their indices must not change across draws
 
     def body(trace, deferred, ret):
         if deferred:  # a site the prior trace did not have (control flow)
@@ -341,12 +344,21 @@ def log_likelihood(
             lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
             names.append(name)
             out.append(scale_and_mask(lp, mask=site["mask"]))
-        return tuple(out)
+        plates.clear()
+        plates.extend(n for n, s in trace.nodes.items() if site_is_subsample(s))
+        return tuple(out) + tuple(trace.nodes[n]["value"] for n in plates)
 
     stacked = _map_draws(model, samples, args, kwargs, body, chunk_size, "log_likelihood")
+    for plate, idx in zip(plates, stacked[len(names):]):
+        if not (idx == idx[:1]).all():
+            raise ValueError(
+                f"log_likelihood: plate {plate!r} draws a new random subsample for every draw "
+                "(subsample_size=), so a column would be a different data point in each row; "
+                "evaluate on all the data, or pass fixed indices with subsample="
+            )
     if not names:
         raise ValueError("the model has no observed sites: pass the observed data (e.g. y=...)")
-    return dict(zip(names, stacked))
+    return dict(zip(names, stacked[: len(names)]))
 
 
 def log_joint(
