@@ -1,5 +1,6 @@
-"""Checkpoints of :class:`pyro_swag.distributed.DistributedSWAG`: file names, and the checks
-that refuse a checkpoint before any of a rank's state changes.
+"""State of :class:`pyro_swag.distributed.DistributedSWAG` beyond the collector's point (the
+model's own parameters), and its checkpoints: file names, and the checks that refuse a
+checkpoint before any of a rank's state changes.
 
 Private: the public API is ``DistributedSWAG.save`` / ``resume`` / ``load_state_dict``.
 """
@@ -8,11 +9,16 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
+import pyro
 import torch
+import torch.distributed as dist
+from pyro import poutine
 
+from ._distributed_comm import comm_device, rank_size
 from ._fitted import _layout
 
 _NAME = re.compile(r"swag-rank(\d+)-of-(\d+)\.pt")
@@ -29,6 +35,29 @@ def other_world(directory: str | os.PathLike, world: int) -> int:
     found = [int(m.group(2)) for p in Path(directory).glob("swag-rank*-of-*.pt")
              if (m := _NAME.fullmatch(p.name))]
     return max((w for w in found if w != world), default=0)
+
+
+def model_params(loss: Any, collector: Any, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    """The unconstrained tensors of the param sites the loss uses besides the collector's own
+    (``pyro.param``, ``PyroModule`` and ``pyro.module`` parameters of the model), in trace
+    order, as Pyro's ``SVI`` finds what it trains. The random state is left as it was."""
+    own = {id(p) for p in collector.parameters()}
+    rng = pyro.util.get_rng_state()
+    cuda = collector.loc.is_cuda
+    cuda_rng = torch.cuda.get_rng_state(collector.loc.device) if cuda else None
+    try:
+        with torch.no_grad(), poutine.trace(param_only=True) as capture:
+            loss.differentiable_loss(collector.model, collector, *args, **kwargs)
+    finally:
+        pyro.util.set_rng_state(rng)
+        if cuda:
+            torch.cuda.set_rng_state(cuda_rng, collector.loc.device)
+    found = {}
+    for name, site in capture.trace.nodes.items():
+        value = site["value"].unconstrained()
+        if id(value) not in own and value.requires_grad:
+            found[name] = value
+    return found
 
 
 def check_checkpoint(swag: Any, state: dict[str, Any]) -> None:
@@ -52,6 +81,14 @@ def check_checkpoint(swag: Any, state: dict[str, Any]) -> None:
             f"the model's {tuple(loc.shape)} and dtype={loc.dtype}; load it into the model it "
             "was written from (same parameters and dtype)"
         )
+    saved_params = state.get("params", {})
+    want = {k: (tuple(v.shape), v.dtype) for k, v in swag.model_params.items()}
+    got = {k: (tuple(v.shape), v.dtype) for k, v in saved_params.items()}
+    if got != want:
+        raise ValueError(
+            f"the checkpoint's model parameters {got} are not this model's {want}; load it "
+            "into the model it was written from"
+        )
     for key in ("rng", "cuda_rng"):
         rng = state.get(key)
         if rng is not None and (not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8):
@@ -65,7 +102,75 @@ def apply_checkpoint(swag: Any, state: dict[str, Any]) -> None:
     loc = swag.collector.loc
     with torch.no_grad():
         loc.copy_(state["loc"])
+        for name, value in state.get("params", {}).items():
+            swag.model_params[name].copy_(value)
     torch.set_rng_state(state["rng"].cpu())  # map_location may have moved it to the GPU
     if "cuda_rng" in state and loc.is_cuda:
         torch.cuda.set_rng_state(state["cuda_rng"].cpu(), loc.device)
     swag.num_steps = int(state["meta"]["num_steps"])
+
+
+def _previous(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".pt") + ".prev.pt")
+
+
+def write_checkpoint(swag: Any, directory: str | os.PathLike) -> Path:
+    """Write ``swag``'s state to its rank's file, the file before it kept as ``*.prev.pt``
+    (so a save cut short on some ranks leaves a step that every rank holds); collective."""
+    path = checkpoint_path(directory, *rank_size(None))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(swag.state_dict(), tmp)
+    if path.exists():
+        os.replace(path, _previous(path))
+    os.replace(tmp, path)
+    if swag.world_size > 1:
+        dist.barrier(group=swag.group)
+    return path
+
+
+def _min(values: list[int], swag: Any) -> list[int]:
+    """Element-wise minimum over the ranks of ``swag``'s group; collective."""
+    buf = torch.tensor(values, dtype=torch.long)
+    if swag.world_size > 1:
+        buf = buf.to(comm_device(swag.group))
+        dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=swag.group)
+    return buf.tolist()
+
+
+def read_checkpoint(swag: Any, directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The state of the newest step that every rank's files hold (``None``: no rank has a
+    file); collective. Raises when the ranks hold no common step, or only files of another
+    world size."""
+    world = rank_size(None)[1]
+    path = checkpoint_path(directory, rank_size(None)[0], world)
+    where = swag.collector.loc.device
+    files = [f for f in (path, _previous(path)) if f.exists()]
+    state = torch.load(files[0], weights_only=True, map_location=where) if files else None
+    step = -1 if state is None else int(state["meta"]["num_steps"])
+    other = other_world(directory, world) if state is None else 0
+    lo, neg_hi, neg_other = _min([step, -step, -other], swag)
+    hi, other = -neg_hi, -neg_other
+    if hi == -1 and other:
+        raise ValueError(
+            f"{str(directory)!r} holds checkpoints of a {other}-process run but this run "
+            f"has {world} processes; relaunch with {other} processes, or pass an empty "
+            "directory to start afresh"
+        )
+    if lo != hi and lo >= 0 and step != lo and len(files) == 2:
+        del state  # this rank saved a step the others did not reach: take its file before
+        state = torch.load(files[1], weights_only=True, map_location=where)
+    held = state is not None and int(state["meta"]["num_steps"]) == lo
+    if lo != hi and not _min([int(held)], swag)[0]:
+        raise RuntimeError(
+            f"the ranks' checkpoints in {directory} are from different steps ({lo}..{hi}, "
+            "-1 = missing); a save was interrupted: delete the directory or restore it"
+        )
+    if lo != hi:
+        warnings.warn(
+            f"the ranks' newest checkpoints in {directory} are from steps {lo}..{hi} (a save "
+            f"was interrupted); every rank resumes from step {lo}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return state

@@ -23,6 +23,7 @@ one rank.
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from pyro.infer import ELBO, Trace_ELBO
 
 from ._distributed_comm import (
+    agree,
     assemble,
     check_runs,
     close_distributed,
@@ -42,7 +44,13 @@ from ._distributed_comm import (
     init_distributed,
     rank_size,
 )
-from ._distributed_state import apply_checkpoint, check_checkpoint, checkpoint_path, other_world
+from ._distributed_state import (
+    apply_checkpoint,
+    check_checkpoint,
+    model_params,
+    read_checkpoint,
+    write_checkpoint,
+)
 from ._fitted import _adopt_prototype, _layout
 from .autoguide import SWAGCollector, SWAGGuide
 from .moments import SWAGMoments
@@ -86,7 +94,9 @@ class DistributedSWAG:
     Notes
     -----
     Every rank calls :meth:`step` with its own microbatch and the *full* data size for the
-    model's plate (``num_data``), with equal microbatch sizes; gradients are averaged.
+    model's plate (``num_data``), with equal microbatch sizes; gradients are averaged. The
+    model's own parameters (``pyro.param``, non-latent ``PyroModule`` parameters) are trained
+    with the collector's point, as ``SVI`` would, and checkpointed with it.
     :meth:`step`, :meth:`swag_guide`, :meth:`save` and :meth:`resume` are collective: call
     them on every rank of the group, in the same order. :meth:`collect` communicates nothing.
     """
@@ -116,6 +126,7 @@ class DistributedSWAG:
         self.rank, self.world_size = rank_size(group)
         self._make_optimizer = optimizer
         self.optimizer: torch.optim.Optimizer | None = None
+        self.model_params: dict[str, torch.Tensor] = {}
         m = collector.moments
         self.moments = SWAGMoments(m.rank, m.min_var, m.deviation_dtype, m.device)
         self.num_steps = 0
@@ -130,12 +141,22 @@ class DistributedSWAG:
             with torch.no_grad():
                 self.collector(*args, **kwargs)
         loc = self.collector.loc
+        extra = model_params(self.loss, self.collector, args, kwargs)
         if self.world_size > 1:
-            buf = loc.detach().to(comm_device(self.group))
-            dist.broadcast(buf, src=global_rank(self.group, 0), group=self.group)
-            with torch.no_grad():
-                loc.copy_(buf)
-        self.optimizer = self._make_optimizer(list(self.collector.parameters()))
+            layout = repr(_layout(self.collector)).encode()
+            agree({"latent size": loc.numel(), "latent layout (crc32)": zlib.crc32(layout),
+                   "dtype (crc32)": zlib.crc32(str(loc.dtype).encode()),
+                   "rank (deviations kept)": self.moments.rank, "shard": int(self.shard),
+                   "model parameters": len(extra),
+                   "model parameter entries": sum(p.numel() for p in extra.values())},
+                  self.group, "build the same model and collector (rank, dtype) on every rank")
+            for value in (loc, *extra.values()):
+                buf = value.detach().to(comm_device(self.group))
+                dist.broadcast(buf, src=global_rank(self.group, 0), group=self.group)
+                with torch.no_grad():
+                    value.copy_(buf)
+        self.model_params = extra
+        self.optimizer = self._make_optimizer([*self.collector.parameters(), *extra.values()])
 
     @property
     def bounds(self) -> tuple[int, int]:
@@ -158,7 +179,7 @@ class DistributedSWAG:
         ``args``/``kwargs`` are this rank's microbatch, passed to the model and the guide.
         """
         self.setup(*args, **kwargs)
-        params = [p for p in self.collector.parameters() if p.requires_grad]
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
         self.optimizer.zero_grad()
         loss = self.loss.differentiable_loss(self.collector.model, self.collector, *args, **kwargs)
         loss.backward()
@@ -199,11 +220,17 @@ class DistributedSWAG:
         return sum(b.numel() * b.element_size() for b in self.moments.buffers())
 
     # --------------------------------------------------------------- gathering
+    def _agree_snapshots(self) -> None:
+        if self.world_size > 1:  # collect() is local: a rank may have missed one
+            agree({"snapshots collected": self.moments.count}, self.group,
+                  "call collect() on every rank after the same steps")
+
     def gather_moments(self, dst: int | None = 0) -> SWAGMoments | None:
         """The full moments (a :class:`~pyro_swag.SWAGMoments`, e.g. to save one
         single-process store) on group rank ``dst`` (every rank when ``None``), ``None``
         elsewhere; collective."""
         m = self.moments
+        self._agree_snapshots()
         m._require(1)
         parts = [torch.stack([m.mean, m.m2]), m.deviations]
         full = assemble(parts, self._widths(), self.rank, dst, self.group)
@@ -225,6 +252,7 @@ class DistributedSWAG:
         into the guide's tensors, so its peak is about one full store plus one slice.
         """
         m = self.moments
+        self._agree_snapshots()
         if m.count < 2:
             raise RuntimeError(
                 f"swag_guide() needs at least 2 snapshots, {m.count} collected; "
@@ -245,6 +273,7 @@ class DistributedSWAG:
             raise RuntimeError("state_dict() needs a first step(...) (or setup(...)) to be run")
         state = {
             "loc": self.collector.loc.detach().clone(),
+            "params": {k: v.detach().clone() for k, v in self.model_params.items()},
             "optimizer": self.optimizer.state_dict(),
             "moments": self.moments.state_dict(),
             "rng": torch.get_rng_state(),
@@ -268,51 +297,21 @@ class DistributedSWAG:
         check_checkpoint(self, state)
         apply_checkpoint(self, state)
 
-    def _path(self, directory: str | os.PathLike) -> Path:
-        return checkpoint_path(directory, *rank_size(None))
-
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write this rank's :meth:`state_dict` to ``directory`` (atomically); collective."""
-        path = self._path(directory)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        if self.world_size > 1:
-            dist.barrier(group=self.group)
-        return path
+        """Write this rank's :meth:`state_dict` to ``directory`` (atomically, keeping the
+        previous file as ``*.prev.pt``); collective."""
+        return write_checkpoint(self, directory)
 
     def resume(self, directory: str | os.PathLike, *args, **kwargs) -> bool:
-        """Load the checkpoint in ``directory`` if every rank has one; collective.
+        """Load the newest checkpoint in ``directory`` that every rank has; collective.
 
         ``args``/``kwargs`` are a microbatch, used to trace the model. Returns whether a
-        checkpoint was loaded; raises ``RuntimeError`` when the ranks' files disagree.
+        checkpoint was loaded. A save interrupted on some ranks leaves them one step ahead:
+        all ranks then resume from their previous files, with a warning. Raises
+        ``RuntimeError`` when no step is held by every rank.
         """
         self.setup(*args, **kwargs)
-        path = self._path(directory)
-        state = None
-        if path.exists():
-            state = torch.load(path, weights_only=True, map_location=self.collector.loc.device)
-        step = -1 if state is None else int(state["meta"]["num_steps"])
-        world = rank_size(None)[1]
-        other = other_world(directory, world) if state is None else 0
-        flags = torch.tensor([step, -step, -other], dtype=torch.long)
-        if self.world_size > 1:
-            buf = flags.to(comm_device(self.group))
-            dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=self.group)
-            flags = buf.cpu()
-        lo, hi, other = int(flags[0]), -int(flags[1]), -int(flags[2])
-        if hi == -1 and other:
-            raise ValueError(
-                f"{str(directory)!r} holds checkpoints of a {other}-process run but this run "
-                f"has {world} processes; relaunch with {other} processes, or pass an empty "
-                "directory to start afresh"
-            )
-        if lo != hi:
-            raise RuntimeError(
-                f"the ranks' checkpoints in {directory} are from different steps ({lo}..{hi}, "
-                "-1 = missing); a save was interrupted: delete the directory or restore it"
-            )
+        state = read_checkpoint(self, directory)
         if state is None:
             return False
         self.load_state_dict(state)
@@ -368,7 +367,7 @@ def gather_runs(
     latent size); they may hold different numbers of deviations.
     """
     if runs.num_runs > 1:
-        check_runs(swag.group, runs.group, swag.num_snapshots)
+        check_runs(swag.group, runs.group, swag.num_snapshots, swag.collector.loc.numel())
     guide = swag.swag_guide(scale=scale, diagonal=diagonal, dst=0)
     rank = rank_size(None)[0]
     if runs.num_runs == 1 or guide is None:

@@ -13,11 +13,14 @@ import functools
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro.infer import SVI, Trace_ELBO
+from torch.distributions import constraints
 
 from pyro_swag import SWAGCollector
 from pyro_swag.models import BayesianMLP
@@ -94,11 +97,12 @@ def torn_checkpoint(swag, directory: Path, rank: int, world: int) -> str:
     """Save, lose rank 1's file (a save cut short), resume: every rank must refuse."""
     import torch.distributed as dist
 
+    from pyro_swag._distributed_state import checkpoint_path
     from pyro_swag.distributed import DistributedSWAG
 
     swag.save(directory)
     if rank == 1:
-        swag._path(directory).unlink()
+        checkpoint_path(directory, rank, world).unlink()
     dist.barrier()
     fresh = DistributedSWAG(make_collector(0), optimizer)
     args, kwargs = microbatch(0, 0, rank, world, *make_data())
@@ -107,6 +111,79 @@ def torn_checkpoint(swag, directory: Path, rank: int, world: int) -> str:
     except RuntimeError as err:
         return str(err)
     return "resumed"
+
+
+def interrupted_save(directory: Path, rank: int, world: int) -> dict:
+    """Saves after steps 12 and 14; rank 1's second save is cut short (its file is the first
+    again): every rank must resume from step 12, with a warning."""
+    import torch.distributed as dist
+
+    from pyro_swag._distributed_state import checkpoint_path
+    from pyro_swag.distributed import DistributedSWAG
+
+    swag = DistributedSWAG(make_collector(0), optimizer)
+    x, y = make_data()
+    for t in range(14):
+        swag.step(*microbatch(t, 0, rank, world, x, y)[0], num_data=N)
+        if t in (11, 13):
+            swag.save(directory)
+        if t == 11:
+            first = swag.collector.loc.detach().clone()
+    if rank == 1:
+        path = checkpoint_path(directory, rank, world)
+        os.replace(path.with_name(path.name.replace(".pt", ".prev.pt")), path)
+    dist.barrier()
+    fresh = DistributedSWAG(make_collector(0), optimizer)
+    args, kwargs = microbatch(0, 0, rank, world, x, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = fresh.resume(directory, *args, **kwargs)
+    return {"resumed": resumed, "step": fresh.num_steps,
+            "same_point": torch.equal(fresh.collector.loc.detach(), first),
+            "warnings": [str(m.message) for m in caught]}
+
+
+def mismatched_ranks(rank: int, world: int) -> dict[str, str]:
+    """Ranks built with different K, or that collected different numbers of snapshots:
+    every rank must raise before tensors of different sizes meet in a collective."""
+    from pyro_swag.distributed import DistributedSWAG
+
+    errors = {}
+    args, kwargs = microbatch(0, 0, rank, world, *make_data())
+    for name, swag in (("rank", DistributedSWAG(make_collector(0, rank=RANK + rank), optimizer)),
+                       ("snapshots", DistributedSWAG(make_collector(0), optimizer))):
+        try:
+            swag.step(*args, **kwargs)
+            for _ in range(2 + rank):
+                swag.collect()
+            swag.swag_guide()
+        except ValueError as err:
+            errors[name] = str(err)
+    return errors
+
+
+def param_model(x, y=None, num_data=None):
+    """A model with a parameter that is not latent: SVI trains it along with the point."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+    sigma = pyro.param("sigma", torch.tensor(1.0), constraint=constraints.positive)
+    with pyro.plate("data", num_data, subsample_size=x.shape[0]):
+        pyro.sample("y", dist.Normal(torch.sin(2 * x[:, 0]) * w, sigma), obs=y)
+
+
+def train_param_model(rank: int, world: int) -> list[float]:
+    """(sigma, w) after DistributedSWAG on ``param_model``; rank 1 starts from another sigma
+    (set-up copies rank 0's)."""
+    from pyro_swag.distributed import DistributedSWAG
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    if rank == 1:
+        pyro.param("sigma", torch.tensor(3.0), constraint=constraints.positive)
+    swag = DistributedSWAG(SWAGCollector(param_model, rank=2), optimizer)
+    x, y = make_data()
+    for t in range(STEPS):
+        swag.step(*microbatch(t, 0, rank, world, x, y)[0], num_data=N)
+    return [float(pyro.param("sigma").detach()), float(swag.collector.loc[0].detach())]
 
 
 def misused_runs(runs, rank: int, world: int) -> dict[str, str]:
@@ -167,6 +244,9 @@ def ddp(out: Path) -> None:
 
     swag.save(out / "two-rank-ckpt")  # resumed by one process in the tests: refused
 
+    info["interrupted_save"] = interrupted_save(out / "interrupted", rank, world)
+    info["mismatched"] = mismatched_ranks(rank, world)
+    info["param_model"] = train_param_model(rank, world)
     runs = split_runs(2)
     info["misuse"] = misused_runs(runs, rank, world)
     (out / f"info-rank{rank}.json").write_text(json.dumps(info))

@@ -14,8 +14,9 @@ import _dist_worker as w
 import pyro
 import pytest
 import torch
+from pyro.infer import SVI, Trace_ELBO
 
-from pyro_swag import SWAGGuide
+from pyro_swag import SWAGCollector, SWAGGuide
 from pyro_swag.distributed import DistributedSWAG, default_backend, gather_runs, split_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +122,30 @@ def test_checkpoint_torn_across_ranks_is_refused_on_every_rank(launched):
         assert "different steps (-1..30" in info["torn_checkpoint"]
 
 
+def test_a_save_cut_short_on_one_rank_resumes_every_rank_from_the_step_before(launched):
+    for r in (0, 1):
+        got = json.loads((launched / f"info-rank{r}.json").read_text())["interrupted_save"]
+        assert got["resumed"] and got["step"] == 12 and got["same_point"], got
+        assert len(got["warnings"]) == 1 and "steps 12..14" in got["warnings"][0]
+
+
+def test_ranks_that_disagree_raise_on_every_rank(launched):
+    for r in (0, 1):
+        errors = json.loads((launched / f"info-rank{r}.json").read_text())["mismatched"]
+        assert f"rank (deviations kept) (from {w.RANK} to {w.RANK + 1}, here {w.RANK + r})" in (
+            errors["rank"])
+        assert f"snapshots collected (from 2 to 3, here {2 + r})" in errors["snapshots"]
+
+
+def test_a_models_own_parameter_is_trained_and_replicated(launched):
+    got = [json.loads((launched / f"info-rank{r}.json").read_text())["param_model"]
+           for r in (0, 1)]
+    assert got[0] == got[1]  # rank 1 started from sigma = 3: set-up copied rank 0's
+    ref = w.train_param_model(0, 1)
+    assert ref[0] < 0.9  # it moved from its start of 1
+    torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(ref), rtol=1e-4, atol=1e-5)
+
+
 def test_misused_gather_runs_raises_on_every_rank(launched):
     for rank in (0, 1):
         errors = json.loads((launched / f"info-rank{rank}.json").read_text())["misuse"]
@@ -179,6 +204,30 @@ def test_single_process_equals_pyro_svi_exactly():
     w.train(swag, 0, 0, 1)
     _assert_guides_close(swag.swag_guide(), ref, exact=True)
     assert gather_runs(swag, split_runs(1))[0].loc.equal(ref.loc)
+
+
+def test_a_models_own_parameter_is_trained_as_by_pyro_svi():
+    x, y = w.make_data()
+
+    def run(distributed):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        collector = SWAGCollector(w.param_model, rank=2)
+        if distributed:
+            swag = DistributedSWAG(collector, w.optimizer)
+            step = swag.step
+        else:
+            sgd = pyro.optim.SGD({"lr": w.LR, "momentum": w.MOMENTUM})
+            step = SVI(w.param_model, collector, sgd, Trace_ELBO()).step
+        for t in range(w.STEPS):
+            idx = w.batch(t, 0)
+            step(x[idx], y[idx], num_data=w.N)
+        return pyro.param("sigma").detach().clone(), collector.loc.detach().clone()
+
+    ref, got = run(False), run(True)
+    assert float(ref[0]) < 0.9  # sigma was trained (it stayed at 1 before)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
 
 
 def test_checkpoint_resume_single_process(tmp_path):
