@@ -49,6 +49,12 @@ def _is_batch(item) -> bool:
 
 def _batches(data, batch_size, num_data):
     """Return (iterable of batches, N)."""
+    if isinstance(data, dict):
+        raise TypeError(
+            f"data must be a tuple of tensors (x, y), a list of batches (x, y) or a DataLoader, "
+            f"got a dict with keys {list(data)}; pass the tensors as a tuple in the order of "
+            "the model's arguments, e.g. data=(x, y)"
+        )
     if isinstance(data, torch.Tensor):
         data = (data,)
     if isinstance(data, (tuple, list)) and not (data and all(_is_batch(b) for b in data)):
@@ -132,15 +138,13 @@ def _accepts(model: Callable, name: str | None) -> bool:
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def _check_scaling(model, args, kwargs, num_data: int) -> None:
-    """Raise unless the observed sites of a minibatch are scaled by ``num_data / batch``.
+def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool) -> None:
+    """Raise unless the model observes something given a batch, and (``check_scaling``) its
+    observed sites are scaled by ``num_data / batch``.
 
     A per-point (tensor) scale is compared by its mean: reweightings such as
     :class:`~pyro_swag.models.BetaNLL` normalise their weights to mean 1 over the batch.
     """
-    batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None
-    if batch is None or batch == num_data:
-        return
     with torch.random.fork_rng(), torch.no_grad():
         trace = poutine.trace(model).get_trace(*args, **kwargs)
     observed = [
@@ -148,6 +152,15 @@ def _check_scaling(model, args, kwargs, num_data: int) -> None:
         for name, site in trace.nodes.items()
         if site["type"] == "sample" and site["is_observed"]
     ]
+    if not observed:
+        raise ValueError(
+            f"the model observes nothing when called with a batch of data ({len(args)} "
+            "tensor(s)): its likelihood would become a latent site of the guide. Pass the "
+            "targets too, e.g. data=(x, y), in the order of the model's arguments"
+        )
+    batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None
+    if not check_scaling or batch is None or batch == num_data:
+        return
     expected = num_data / batch
     for name, scale in observed:
         if abs(scale - expected) > 1e-4 * expected:

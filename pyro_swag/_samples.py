@@ -72,14 +72,17 @@ def _missing_sites(what: str, names: list[str]) -> ValueError:
 
 def _shaped_samples(model: Callable, values: dict, args: tuple, kwargs: dict, what: str) -> dict:
     """Draws of every latent site of ``model``, reshaped by :func:`_shape_draws` against a
-    prior trace (the RNG state is kept); a latent site without draws is a ``ValueError``."""
+    prior trace (the RNG state is kept); a latent site without draws is a ``ValueError``.
+    Draws of sites the data observe (``Predictive`` returns them) are dropped: conditioning
+    on them would score replicated data instead of the data passed in."""
     _num_draws(values, "samples")
     rng = pyro.util.get_rng_state()
     try:
         proto = _prototype(model, args, kwargs)
     finally:
         pyro.util.set_rng_state(rng)
-    out = _shape_draws(values, proto, "samples")
+    observed = set(proto.observation_nodes)
+    out = _shape_draws({k: v for k, v in values.items() if k not in observed}, proto, "samples")
     missing = [s for s in proto.stochastic_nodes if s not in out]
     if missing:
         raise _missing_sites(what, missing)

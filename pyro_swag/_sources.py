@@ -25,6 +25,7 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch.distributions import biject_to
 
 from ._checks import is_int
+from .autoguide import SWAGCollector
 from .multiswag import MultiSWAG
 from .predictive import log_joint, log_likelihood, predictive, sample_latents, unpack_latents
 
@@ -313,6 +314,12 @@ def collect(
             f"{type(args).__name__}; pass e.g. args=(x,)"
         )
     args = tuple(args)
+    if isinstance(source, SWAGCollector):
+        raise TypeError(
+            "source is a SWAGCollector, the point mass that SGD moves (exported, it would be a "
+            "posterior of zero width); export its posterior: to_datatree(collector.swag_guide(), "
+            "...)"
+        )
     is_mcmc = isinstance(source, MCMC)
     if model is None:
         model = source.kernel.model if is_mcmc else _guide_model(source)

@@ -26,6 +26,7 @@ for leaving out point :math:`i` are :math:`p(\theta)\,/\,(q(\theta)\,p(y_i \mid 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -227,11 +228,23 @@ def loo(dt: xr.DataTree, corrected: bool | None = None, pointwise: bool = True,
 
     ``corrected=None`` corrects whenever ``sample_stats`` has ``log_p`` and ``log_q``;
     ``corrected=False`` is the naive ``arviz_stats.loo`` (draws treated as posterior).
-    Computed in float64.
+    Computed in float64. The correction reweights the guide's draws by ``p / q``: when the
+    guide as a whole is a poor proposal (:func:`psis_diagnostic` k-hat > 0.7) a
+    ``RuntimeWarning`` says so, since the estimate can then be far off.
     """
     dt = _float64(dt)
     if _corrected(dt, corrected):  # weights p / (q p(y_i | theta)) vary even where ll does not
         ss = dt["sample_stats"]
+        khat, ess = psis_diagnostic(ss["log_p"], ss["log_q"])
+        if khat > 0.7:
+            warnings.warn(
+                f"the guide's Pareto k-hat is {khat:.2f} > 0.7 (ESS {ess:.0f} of "
+                f"{ss['log_p'].size} draws): its p/q weights are unreliable, and so is this "
+                "corrected LOO; widen or calibrate the guide (pyro_swag.calibrate), or compare "
+                "methods on held-out data",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return arviz_stats.loo_approximate_posterior(
             dt, ss["log_p"], ss["log_q"], pointwise=pointwise, var_name=var_name
         )

@@ -20,7 +20,9 @@ that its draws follow ``q``, the density recorded as ``log_q``.
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import pyro
@@ -84,6 +86,11 @@ class MultiSWAG(FittedContinuous):
         weights: Sequence[float] | torch.Tensor | None = None,
         model: Callable | None = None,
     ) -> None:
+        if isinstance(guides, SWAGGuide) or not isinstance(guides, Iterable):
+            raise TypeError(
+                f"guides must be a list of SWAGGuides (one per run), got "
+                f"{type(guides).__name__}; pass e.g. MultiSWAG([guide_a, guide_b])"
+            )
         guides = list(guides)
         if not guides:
             raise ValueError("guides is empty; pass at least one fitted SWAGGuide")
@@ -333,8 +340,19 @@ def fit_runs(
             "runs can be rebuilt in this process"
         )
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(processes, len(seeds))) as pool:
-        jobs = [pool.apply_async(_fit_one, (fit_run, s, threads_per_process)) for s in seeds]
-        states = [job.get() for job in tqdm(jobs, desc="SWAG runs", disable=not progress)]
+    # an executor, not a Pool: a worker that dies (e.g. a script without the
+    # `if __name__ == "__main__":` guard that spawn needs) raises instead of hanging
+    with ProcessPoolExecutor(min(processes, len(seeds)), mp_context=ctx) as pool:
+        jobs = [pool.submit(_fit_one, fit_run, s, threads_per_process) for s in seeds]
+        try:
+            states = [job.result() for job in tqdm(jobs, desc="SWAG runs",
+                                                     disable=not progress)]
+        except BrokenProcessPool as err:
+            raise RuntimeError(
+                "a fit_runs worker process died before returning its run; with processes > 1 "
+                "the calling script must guard its top level with "
+                "`if __name__ == \"__main__\":` (workers are spawned and import it), and "
+                "fit_run must not exit the process"
+            ) from err
     guides = [SWAGGuide.from_state_dict(model, state) for state in states]
     return MultiSWAG(guides, weights=weights, model=model)

@@ -230,6 +230,12 @@ def predictive(
     """
     if (guide is None) == (posterior_samples is None):
         raise ValueError("give exactly one of guide=... or posterior_samples=...")
+    if guide is not None and not callable(guide):
+        raise TypeError(
+            f"guide must be a callable Pyro guide, got a {type(guide).__name__}; the model's "
+            "arguments come after it: predictive(model, guide, x), or predictive(model, None, "
+            "x, posterior_samples=...)"
+        )
     if guide is not None:
         num_samples = _check_positive_int(num_samples, "num_samples")
         values = _guide_draws(guide, num_samples, args, kwargs)

@@ -34,8 +34,9 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from tqdm.auto import tqdm
 
 from . import _checkpoint, _fitargs
+from ._checks import is_int
 from ._curvature import _check_kind
-from ._minibatch import _accepts, _as_args, _batches, _check_scaling, _TensorBatches
+from ._minibatch import _accepts, _as_args, _batches, _check_batch, _TensorBatches
 from .autoguide import SWAGCollector, SWAGGuide
 from .precondition import (
     Preconditioner,
@@ -230,7 +231,9 @@ def fit(
     _fitargs.check_step_snapshots(batches, epochs, swa_start, collect_every_steps)
     _fitargs.check_swa_batches(batches, swa_batches, swa_lr)
     if seed is not None:
-        pyro.set_rng_seed(seed)
+        if not is_int(seed, 0):
+            raise ValueError(f"seed must be an integer >= 0 or None, got seed={seed!r}")
+        pyro.set_rng_seed(int(seed))
     clip = {} if clip_norm is None else {"clip_norm": float(clip_norm)}
     if optim is None:
         optim = pyro.optim.Adam({"lr": 1e-2}, dict(clip))
@@ -243,15 +246,15 @@ def fit(
     if first is None:
         raise ValueError("the loader yielded no batches; pass a loader that yields data")
     args = _as_args(first)
-    if check_scaling:
-        _check_scaling(model, args, kwargs, n)
+    _check_batch(model, args, kwargs, n, check_scaling)
     if collector.prototype_trace is None:
         _use_network_init(collector, model)
         collector(*args, **kwargs)
     if isinstance(batches, _TensorBatches) and batches.batch_size == n > 1:
         warnings.warn(
-            "full-batch SGD: SWAG's covariance then reflects only the deterministic "
-            "drift of the iterates; pass batch_size < N",
+            f"full-batch SGD (batch_size{' defaults to min(N, 128)' if batch_size is None else ''}"
+            f" = N = {n}): SWAG's covariance then reflects only the deterministic drift of "
+            "the iterates; pass batch_size < N",
             stacklevel=2,
         )
 

@@ -1,0 +1,118 @@
+"""Ordinary mistakes of a Pyro/ArviZ user get a clear error or warning, not a wrong result."""
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Predictive
+
+from pyro_swag import MultiSWAG, SWAGCollector
+from pyro_swag.datatree import loo, to_datatree
+from pyro_swag.predictive import log_likelihood, predictive
+from pyro_swag.train import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def linreg(x, y=None, num_data=None):
+    w = pyro.sample("w", dist.Normal(x.new_zeros(x.shape[-1]), 1.0).to_event(1))
+    with pyro.plate("data", size=num_data or x.shape[0], subsample=torch.arange(x.shape[0])):
+        pyro.sample("obs", dist.Normal(x @ w, 0.5), obs=y)
+
+
+def make_data(n=60):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, 2, generator=g)
+    return x, x @ torch.tensor([1.0, -0.5]) + 0.5 * torch.randn(n, generator=g)
+
+
+def swag(lr, epochs=30, **kw):
+    x, y = make_data()
+    pyro.clear_param_store()
+    collector = SWAGCollector(linreg, rank=4)
+    guide, _ = fit(linreg, collector, (x, y), epochs=epochs, swa_start=10, swa_lr=lr,
+                   batch_size=10, seed=0, quiet=True, **kw)
+    return guide, collector
+
+
+@pytest.mark.parametrize("data, err, match", [
+    ("x only", ValueError, "the model observes nothing"),  # obs would become a latent
+    ("dict", TypeError, r"got a dict with keys \['x', 'y'\]"),
+])
+def test_fit_refuses_data_without_targets_or_as_a_dict(data, err, match):
+    x, y = make_data()
+    collector = SWAGCollector(linreg, rank=2)
+    with pytest.raises(err, match=match):
+        fit(linreg, collector, (x,) if data == "x only" else {"x": x, "y": y}, epochs=3,
+            swa_start=1, swa_lr=1e-3, quiet=True)
+    assert collector.prototype_trace is None and collector.moments.count == 0
+
+
+def test_fit_seed_and_default_full_batch_warning():
+    x, y = make_data(20)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0 or None, got seed='0'"):
+        fit(linreg, SWAGCollector(linreg, rank=2), (x, y), epochs=3, swa_start=1,
+            swa_lr=1e-3, seed="0", quiet=True)
+    pyro.clear_param_store()
+    with pytest.warns(UserWarning, match=r"batch_size defaults to min\(N, 128\) = N = 20"):
+        fit(linreg, SWAGCollector(linreg, rank=2), (x, y), epochs=3, swa_start=1,
+            swa_lr=1e-3, quiet=True)
+
+
+def test_log_likelihood_scores_the_data_not_predictives_replicates():
+    guide, _ = swag(1e-3)
+    x, y = make_data()
+    pyro.set_rng_seed(0)
+    draws = Predictive(linreg, guide=guide, num_samples=20)(x)  # holds "obs" replicates too
+    assert "obs" in draws
+    with_obs = log_likelihood(linreg, draws, x, y)["obs"]
+    latents = log_likelihood(linreg, {"w": draws["w"]}, x, y)["obs"]
+    torch.testing.assert_close(with_obs, latents)
+    w = draws["w"].reshape(20, 2)
+    torch.testing.assert_close(latents, dist.Normal(w @ x.T, 0.5).log_prob(y))
+
+
+def test_guides_given_the_wrong_way_are_refused():
+    guide, collector = swag(1e-3)
+    x, y = make_data()
+    with pytest.raises(TypeError, match="source is a SWAGCollector.*collector.swag_guide"):
+        to_datatree(collector, (x,), {"y": y})
+    with pytest.raises(TypeError, match="guides must be a list of SWAGGuides"):
+        MultiSWAG(guide)
+    with pytest.raises(TypeError, match=r"guide must be a callable Pyro guide, got a Tensor"):
+        predictive(linreg, x, num_samples=3)
+
+
+def test_corrected_loo_warns_when_the_guide_is_a_poor_proposal():
+    x, y = make_data()
+    good, _ = swag(2e-3)
+    narrow, _ = swag(1e-6)  # the learning rate sets the spread: far too narrow
+    kinds = {}
+    for name, guide in (("good", good), ("narrow", narrow)):
+        dt = to_datatree(guide, (x,), {"y": y}, num_draws=400)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loo(dt)
+        kinds[name] = [str(m.message) for m in caught if m.category is RuntimeWarning]
+    assert not any("k-hat" in m for m in kinds["good"]), kinds["good"]
+    assert any("guide's Pareto k-hat is" in m for m in kinds["narrow"]), kinds["narrow"]
+
+
+def test_fit_runs_in_an_unguarded_script_raises_instead_of_hanging(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from pyro_swag.multiswag import fit_runs\n"
+        "def fit_run(seed):\n"
+        "    raise AssertionError('not reached')\n"
+        "fit_runs(fit_run, seeds=2, model=print, processes=2, progress=False)\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env={"PYTHONPATH": str(ROOT),
+                                                          "PATH": "/usr/bin:/bin"})
+    assert proc.returncode != 0
+    assert 'must guard its top level with `if __name__ == "__main__":`' in proc.stderr
