@@ -138,19 +138,27 @@ def assemble(
     return full
 
 
+def group_min(values: list[int], group) -> list[int]:
+    """Element-wise minimum of integers over the ranks of ``group`` (``-min(-v)`` is the
+    maximum); collective, and the values themselves without a process group or alone."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return list(values)
+    buf = torch.tensor(values, dtype=torch.long, device=comm_device(group))
+    dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=group)
+    return buf.tolist()
+
+
 def agree(values: dict[str, int], group, fix: str) -> None:
     """Raise ``ValueError`` on every rank of ``group`` together unless all of them pass the
     same ``values`` (names to integers); collective. Without the check, tensors of different
     sizes meet in a collective: gloo aborts, or a short message fills part of a buffer."""
-    mine = torch.tensor(list(values.values()), dtype=torch.long)
-    buf = torch.cat([mine, -mine]).to(comm_device(group))
-    dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=group)
-    lo, hi = buf[: len(values)].tolist(), (-buf[len(values) :]).tolist()
-    differ = [name for name, a, b in zip(values, lo, hi) if a != b]
+    mine = list(values.values())
+    both = group_min(mine + [-v for v in mine], group)
+    lo, hi = both[: len(mine)], [-v for v in both[len(mine) :]]
+    differ = [f"{name} (from {a} to {b}, here {values[name]})"
+              for name, a, b in zip(values, lo, hi) if a != b]
     if differ:
-        ranges = ", ".join(f"{k} (from {lo[list(values).index(k)]} to "
-                           f"{hi[list(values).index(k)]}, here {values[k]})" for k in differ)
-        raise ValueError(f"the ranks disagree on {ranges}; {fix}")
+        raise ValueError(f"the ranks disagree on {', '.join(differ)}; {fix}")
 
 
 def check_runs(swag_group, runs_group, num_snapshots: int, size: int) -> None:
@@ -160,21 +168,19 @@ def check_runs(swag_group, runs_group, num_snapshots: int, size: int) -> None:
     mine = dist.get_process_group_ranks(runs_group)
     theirs = (list(range(dist.get_world_size())) if swag_group is None
               else dist.get_process_group_ranks(swag_group))
-    flags = torch.tensor([num_snapshots, -int(mine != theirs), size, -size],
-                         device=comm_device(None))
-    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    if int(flags[1]):  # raised on every rank; the details are those of this rank
+    flags = group_min([num_snapshots, -int(mine != theirs), size, -size], None)
+    if flags[1]:  # raised on every rank; the details are those of this rank
         raise ValueError(
             f"a trajectory is not trained on its run's group (here: swag on ranks {theirs}, "
             f"run on ranks {mine}); build DistributedSWAG(..., group=runs.group) with the "
             "Runs from split_runs"
         )
-    if int(flags[2]) != -int(flags[3]):
+    if flags[2] != -flags[3]:
         raise ValueError(
-            f"the runs' latent sizes differ (from {int(flags[2])} to {-int(flags[3])}, this "
-            f"run {size}); every run of gather_runs must train the same model"
+            f"the runs' latent sizes differ (from {flags[2]} to {-flags[3]}, this run "
+            f"{size}); every run of gather_runs must train the same model"
         )
-    if int(flags[0]) < 2:
+    if flags[0] < 2:
         raise RuntimeError(
             f"gather_runs() needs at least 2 snapshots in every run, one run has "
             f"{int(flags[0])}; call collect() during every run's training"

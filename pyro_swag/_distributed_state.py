@@ -13,12 +13,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import pyro
 import torch
 import torch.distributed as dist
 from pyro import poutine
 
-from ._distributed_comm import comm_device, rank_size
+from ._distributed_comm import group_min, rank_size
 from ._fitted import _layout
 
 _NAME = re.compile(r"swag-rank(\d+)-of-(\d+)\.pt")
@@ -42,16 +41,10 @@ def model_params(loss: Any, collector: Any, args: tuple, kwargs: dict) -> dict[s
     (``pyro.param``, ``PyroModule`` and ``pyro.module`` parameters of the model), in trace
     order, as Pyro's ``SVI`` finds what it trains. The random state is left as it was."""
     own = {id(p) for p in collector.parameters()}
-    rng = pyro.util.get_rng_state()
-    cuda = collector.loc.is_cuda
-    cuda_rng = torch.cuda.get_rng_state(collector.loc.device) if cuda else None
-    try:
-        with torch.no_grad(), poutine.trace(param_only=True) as capture:
+    loc = collector.loc
+    with torch.random.fork_rng(devices=[loc.device] if loc.is_cuda else []), torch.no_grad():
+        with poutine.trace(param_only=True) as capture:
             loss.differentiable_loss(collector.model, collector, *args, **kwargs)
-    finally:
-        pyro.util.set_rng_state(rng)
-        if cuda:
-            torch.cuda.set_rng_state(cuda_rng, collector.loc.device)
     found = {}
     for name, site in capture.trace.nodes.items():
         value = site["value"].unconstrained()
@@ -129,15 +122,6 @@ def write_checkpoint(swag: Any, directory: str | os.PathLike) -> Path:
     return path
 
 
-def _min(values: list[int], swag: Any) -> list[int]:
-    """Element-wise minimum over the ranks of ``swag``'s group; collective."""
-    buf = torch.tensor(values, dtype=torch.long)
-    if swag.world_size > 1:
-        buf = buf.to(comm_device(swag.group))
-        dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=swag.group)
-    return buf.tolist()
-
-
 def read_checkpoint(swag: Any, directory: str | os.PathLike) -> dict[str, Any] | None:
     """The state of the newest step that every rank's files hold (``None``: no rank has a
     file); collective. Raises when the ranks hold no common step, or only files of another
@@ -149,7 +133,7 @@ def read_checkpoint(swag: Any, directory: str | os.PathLike) -> dict[str, Any] |
     state = torch.load(files[0], weights_only=True, map_location=where) if files else None
     step = -1 if state is None else int(state["meta"]["num_steps"])
     other = other_world(directory, world) if state is None else 0
-    lo, neg_hi, neg_other = _min([step, -step, -other], swag)
+    lo, neg_hi, neg_other = group_min([step, -step, -other], swag.group)
     hi, other = -neg_hi, -neg_other
     if hi == -1 and other:
         raise ValueError(
@@ -161,7 +145,7 @@ def read_checkpoint(swag: Any, directory: str | os.PathLike) -> dict[str, Any] |
         del state  # this rank saved a step the others did not reach: take its file before
         state = torch.load(files[1], weights_only=True, map_location=where)
     held = state is not None and int(state["meta"]["num_steps"]) == lo
-    if lo != hi and not _min([int(held)], swag)[0]:
+    if lo != hi and not group_min([int(held)], swag.group)[0]:
         raise RuntimeError(
             f"the ranks' checkpoints in {directory} are from different steps ({lo}..{hi}, "
             "-1 = missing); a save was interrupted: delete the directory or restore it"

@@ -86,7 +86,7 @@ class MultiSWAG(FittedContinuous):
         weights: Sequence[float] | torch.Tensor | None = None,
         model: Callable | None = None,
     ) -> None:
-        if isinstance(guides, SWAGGuide) or not isinstance(guides, Iterable):
+        if not isinstance(guides, Iterable):  # e.g. one SWAGGuide
             raise TypeError(
                 f"guides must be a list of SWAGGuides (one per run), got "
                 f"{type(guides).__name__}; pass e.g. MultiSWAG([guide_a, guide_b])"

@@ -10,6 +10,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Predictive
+from test_fit_inputs import linreg  # w ~ N(0, I), obs ~ N(x w, 0.5)
 
 from pyro_swag import MultiSWAG, SWAGCollector
 from pyro_swag.datatree import loo, to_datatree
@@ -17,12 +18,6 @@ from pyro_swag.predictive import log_likelihood, predictive
 from pyro_swag.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def linreg(x, y=None, num_data=None):
-    w = pyro.sample("w", dist.Normal(x.new_zeros(x.shape[-1]), 1.0).to_event(1))
-    with pyro.plate("data", size=num_data or x.shape[0], subsample=torch.arange(x.shape[0])):
-        pyro.sample("obs", dist.Normal(x @ w, 0.5), obs=y)
 
 
 def make_data(n=60):
