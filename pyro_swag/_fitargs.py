@@ -1,13 +1,17 @@
-"""Up-front checks of :func:`pyro_swag.train.fit`'s arguments (raised before any training)."""
+"""Up-front checks of :func:`pyro_swag.train.fit`'s arguments (raised before any training),
+and the collector's wrapped model."""
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pyro.optim
 import torch
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 
 from ._checks import is_int, is_positive_finite
 from ._minibatch import _TensorBatches
@@ -179,3 +183,28 @@ def warn_few_snapshots(num_snapshots: int, collect_every_steps, stacklevel: int 
             f"collect_every_steps or raise epochs",
             stacklevel=stacklevel,
         )
+
+
+def _unwrap(collector: Any) -> tuple[Any, Callable]:
+    """(InitMessenger, model) of the collector's ``InitMessenger(init_loc_fn)(model)``."""
+    wrapped = collector.model
+    args = getattr(wrapped, "args", ())
+    if len(args) == 2 and isinstance(args[0], InitMessenger):
+        return args[0], args[1]
+    return None, wrapped
+
+
+def _check_model(collector: Any, model: Callable) -> None:
+    if _unwrap(collector)[1] is not model:
+        raise ValueError(
+            "model is not the model the collector was built on; build it as "
+            "SWAGCollector(model) with the model passed to fit"
+        )
+
+
+def _use_network_init(collector: Any, model: Callable) -> None:
+    """Start from the network's own init when the collector kept the default init_to_median."""
+    messenger, _ = _unwrap(collector)
+    init = getattr(model, "init_loc_fn", None)
+    if messenger is not None and messenger.init_fn is init_to_median and callable(init):
+        collector._model = (InitMessenger(init())(model),)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
+from pyro.util import check_site_shape
 
 from ._checks import is_int
 
@@ -59,8 +60,11 @@ def _batches(data, batch_size, num_data):
         data = (data,)
     if isinstance(data, (tuple, list)) and not (data and all(_is_batch(b) for b in data)):
         if not data or not all(isinstance(t, torch.Tensor) for t in data):
+            kinds = ", ".join(type(t).__name__ for t in data) if data else "nothing"
             raise TypeError(
-                "data must be a tuple of tensors (x, y), a list of batches (x, y) or a DataLoader"
+                "data must be a tuple of tensors (x, y), a list of batches (x, y) or a "
+                f"DataLoader, got ({kinds}); convert arrays with torch.as_tensor(a, "
+                "dtype=torch.float32) (or the dtype of the model's parameters)"
             )
         n = data[0].shape[0] if data[0].dim() else 0
         if n == 0:
@@ -147,6 +151,21 @@ def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool) -> Non
     """
     with torch.random.fork_rng(), torch.no_grad():
         trace = poutine.trace(model).get_trace(*args, **kwargs)
+        try:  # the check Pyro's ELBO makes, here to name the common cause
+            trace.compute_log_prob()
+            for site in trace.nodes.values():
+                if site["type"] == "sample" and site["is_observed"]:
+                    check_site_shape(site, max_plate_nesting=float("inf"))
+        except ValueError as err:
+            column = [i for i, t in enumerate((*args, *kwargs.values()))
+                      if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[-1] == 1]
+            if not column or "log_prob shape" not in str(err):
+                raise
+            raise ValueError(
+                f"{err}\nThe data tensor(s) at position(s) {column} have shape (N, 1): the "
+                "trailing axis of size 1 broadcasts against the plate. Pass targets as a "
+                "vector, y.squeeze(-1)"
+            ) from err
     observed = [
         (name, float(torch.as_tensor(site["scale"], dtype=torch.float64).mean()))
         for name, site in trace.nodes.items()

@@ -1,4 +1,4 @@
-"""Checks of posterior draws and site selection for :mod:`pyro_swag.predictive`.
+"""Checks of guides, posterior draws and site selection for :mod:`pyro_swag.predictive`.
 
 ``_select_sites`` follows ``pyro.infer.Predictive``'s ``return_sites`` rules; ``_shape_draws``
 brings draws of any layout with the right number of entries per draw (``MCMC.get_samples()``
@@ -9,9 +9,13 @@ brings draws of any layout with the right number of entries per draw (``MCMC.get
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pyro
 import torch
+from pyro.infer.autoguide import AutoContinuous
+from torch.distributions import LowRankMultivariateNormal
+from torch.distributions.utils import _standard_normal
 
 from ._vectorize import _num_draws, _numel, _prototype
 
@@ -87,3 +91,30 @@ def _shaped_samples(model: Callable, values: dict, args: tuple, kwargs: dict, wh
     if missing:
         raise _missing_sites(what, missing)
     return out
+
+
+def _require_continuous(guide: Any, what: str) -> None:
+    if not isinstance(guide, AutoContinuous):
+        raise TypeError(
+            f"{what} needs an AutoContinuous guide (SWAGGuide, AutoLowRankMultivariateNormal, "
+            f"AutoLaplaceApproximation, ...), got guide={type(guide).__name__}; for other "
+            "guides use predictive(model, guide, ...) which runs the guide itself"
+        )
+    if getattr(guide, "prototype_trace", None) is None:
+        raise RuntimeError(
+            f"{what}: guide={type(guide).__name__} has not been set up; call "
+            "guide(*model_args) once, or pass the model arguments to sample_latents"
+        )
+
+
+def _low_rank_sample(posterior: LowRankMultivariateNormal, num: int) -> torch.Tensor:
+    """``posterior.rsample((num,))`` with the low-rank term as one matmul.
+
+    The same standard-normal draws as ``LowRankMultivariateNormal.rsample`` (``eps_W`` (S, K),
+    then ``eps_D`` (S, P)); ``loc + eps_W W^T + sqrt(D) * eps_D`` is then one ``addmm`` instead
+    of torch's S matrix-vector products over an expanded copy of ``W`` (S x P x K floats).
+    """
+    loc, factor = posterior.loc, posterior.cov_factor
+    eps_w = _standard_normal((num, factor.shape[-1]), dtype=loc.dtype, device=loc.device)
+    eps_d = _standard_normal((num, loc.shape[-1]), dtype=loc.dtype, device=loc.device)
+    return torch.addcmul(torch.addmm(loc, eps_w, factor.T), posterior.cov_diag.sqrt(), eps_d)

@@ -36,15 +36,18 @@ class RecordingNUTS(NUTS):
     """``pyro.infer.NUTS`` that also records, per kept draw, what ArviZ reports.
 
     Pyro's MCMC keeps only the indices of divergent draws; with this kernel
-    :func:`to_datatree` adds ``tree_depth``, ``n_steps`` (leapfrog steps) and the per-draw
-    ``step_size`` to ``sample_stats``. Only for chains run in this process (one chain, or
+    :func:`to_datatree` adds ``tree_depth``, ``n_steps`` (leapfrog steps), the per-draw
+    ``step_size`` and ``energy`` to ``sample_stats``. ``energy`` is the Hamiltonian
+    :math:`H = U(z) + K(r)` (potential: the negative log joint of the unconstrained latents)
+    after the momentum is drawn, the level the transition's trajectory keeps, as ArviZ's
+    ``bfmi`` and ``plot_energy`` expect. Only for chains run in this process (one chain, or
     several with ``mp_context=None`` and sequential chains). ``chain_stats`` holds one list
     per chain set up (Pyro sets the kernel up once per chain).
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.chain_stats: list[list[tuple[int, int, float]]] = []
+        self.chain_stats: list[list[tuple[int, int, float, float]]] = []
 
     def setup(self, warmup_steps, *args, **kwargs):
         self.chain_stats.append([])
@@ -56,7 +59,10 @@ class RecordingNUTS(NUTS):
         return super()._build_basetree(*args, **kwargs)
 
     def _build_tree(self, *args, **kwargs):
-        self._depth += self._nest == 0  # one top-level call per doubling
+        if self._nest == 0:  # one top-level call per doubling, all at the same energy
+            self._depth += 1
+            energy = args[6] if len(args) > 6 else kwargs["energy_current"]
+            self._energy = float(energy)
         self._nest += 1
         try:
             return super()._build_tree(*args, **kwargs)
@@ -65,10 +71,11 @@ class RecordingNUTS(NUTS):
 
     def sample(self, params):
         self._depth = self._leaves = 0
+        self._energy = float("nan")
         step_size = float(self.step_size)
         out = super().sample(params)
         if self._t > self._warmup_steps:
-            self.chain_stats[-1].append((self._depth, self._leaves, step_size))
+            self.chain_stats[-1].append((self._depth, self._leaves, step_size, self._energy))
         return out
 
 
@@ -219,10 +226,11 @@ def _mcmc_draws(mcmc: MCMC, num_chains, num_draws):
     kernel = mcmc.kernel
     chains = (getattr(kernel, "chain_stats", None) or [])[-c_all:]  # this run's chains
     if len(chains) == c_all and all(len(r) == d_all for r in chains):
-        arr = np.asarray(chains, float).reshape(c_all, d_all, 3)[:c, keep]
+        arr = np.asarray(chains, float).reshape(c_all, d_all, 4)[:c, keep]
         stats["tree_depth"] = arr[..., 0].astype(int)
         stats["n_steps"] = arr[..., 1].astype(int)
         stats["step_size"] = arr[..., 2]
+        stats["energy"] = arr[..., 3]
     elif c_all == 1 and hasattr(kernel, "step_size"):
         stats["step_size"] = np.full((c, d), float(kernel.step_size))
     return c, d, values, stats

@@ -80,6 +80,10 @@ def summarise(model, data, results: dict, config) -> tuple[dict, dict]:
             tree, loo_row = _tree_and_loo(model, data, res, config.num_samples, config.seed)
             sc["_tree"] = tree
             row.update(loo_row)
+            if res.mcmc is not None and tree is not None:
+                from .datatree import mcmc_health
+
+                row["mcmc_health"] = mcmc_health(tree)
         methods[name] = row
     ref = results.get("nuts")
     if ref is not None and ref.status == "ok":
@@ -140,6 +144,23 @@ def _agreement_table(summary: dict) -> str:
     return head + "\n" + body
 
 
+_THRESHOLDS = {"divergences": (0, "divergences > 0"), "max_rhat": (1.01, "R̂ > 1.01"),
+               "min_ess_bulk": (100, "bulk ESS < 100"), "min_ess_tail": (100, "tail ESS < 100"),
+               "min_bfmi": (0.3, "E-BFMI < 0.3")}
+
+
+def _health(h: dict) -> str:
+    """One line on the MCMC reference's health, with the usual thresholds it misses."""
+    text = (f"{h['draws']} draws, {h.get('divergences', '?')} divergent; max split R̂ "
+            f"{_fmt(h['max_rhat'])}, smallest ESS bulk {_fmt(h['min_ess_bulk'], 0)} / tail "
+            f"{_fmt(h['min_ess_tail'], 0)}; ESS of the log joint {_fmt(h.get('ess_log_p'), 0)}"
+            + (f", E-BFMI {_fmt(h['min_bfmi'], 2)}" if "min_bfmi" in h else ""))
+    missed = [msg for key, (limit, msg) in _THRESHOLDS.items() if key in h and (
+        h[key] > limit if key in ("divergences", "max_rhat") else h[key] < limit)]
+    return text + (f" (short of the usual thresholds: {', '.join(missed)}; the agreement "
+                   "below is with an imperfect reference)" if missed else "")
+
+
 def markdown(summary: dict) -> str:
     """The ``report.md`` text."""
     ds = summary["dataset"]
@@ -160,6 +181,8 @@ def markdown(summary: dict) -> str:
              if r.get("note") and r["status"] == "ok"]
     notes += [f"- {r['label']}: {r['loo_note']}" for r in summary["methods"].values()
               if r.get("loo_note")]
+    notes += [f"- {r['label']}: {_health(r['mcmc_health'])}" for r in summary["methods"].values()
+              if r.get("mcmc_health")]
     if notes:
         parts += ["Notes:", "", *notes, ""]
     agree = _agreement_table(summary)

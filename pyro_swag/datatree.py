@@ -43,8 +43,8 @@ from scipy.special import logsumexp
 from ._sources import RecordingNUTS, collect, constant_data_of, site_dims
 
 __all__ = [
-    "RecordingNUTS", "compare", "loo", "loo_pit", "plot_forest", "plot_loo_pit", "plot_ppc",
-    "psis_diagnostic", "to_datatree",
+    "RecordingNUTS", "compare", "loo", "loo_pit", "mcmc_health", "plot_forest", "plot_loo_pit",
+    "plot_ppc", "psis_diagnostic", "to_datatree",
 ]
 
 
@@ -199,6 +199,49 @@ def psis_diagnostic(log_p, log_q) -> tuple[float, float]:
     return float(khat), float(1.0 / np.sum(w**2))
 
 
+def mcmc_health(dt: xr.DataTree) -> dict[str, float | int]:
+    """The usual checks of an MCMC export: is it fit to serve as the reference?
+
+    Returns ``{"draws", "divergences", "max_rhat", "min_ess_bulk", "min_ess_tail"}`` over all
+    posterior entries (rank-normalised split R-hat, so one chain works too), the bulk ESS of
+    the log joint ``"ess_log_p"`` (identifiable where single weights of a network are not),
+    and ``"min_bfmi"`` when ``sample_stats`` has ``energy`` (:class:`RecordingNUTS`). Rules of
+    thumb: no divergences, R-hat < 1.01, ESS > 100 per quantity, E-BFMI > 0.3.
+    """
+    if "posterior" not in dt.children:
+        raise ValueError("mcmc_health needs a DataTree with a posterior group (to_datatree(mcmc))")
+    post = dt["posterior"].to_dataset()
+    chain, draw = post.sizes.get("chain", 0), post.sizes.get("draw", 0)
+    if draw < 4:
+        raise ValueError(f"mcmc_health needs at least 4 draws per chain, got {draw}")
+    halves = post
+    if chain == 1:  # R-hat needs chains: the two halves of the one chain (split R-hat)
+        half = draw // 2
+        halves = xr.concat([post.isel(draw=slice(0, half)),
+                            post.isel(draw=slice(draw - half, draw)).assign_coords(
+                                draw=post.draw[:half])], dim="chain").assign_coords(chain=[0, 1])
+    worst = {}
+    for key, fn in (("max_rhat", lambda: arviz_stats.rhat(halves)),
+                    ("min_ess_bulk", lambda: arviz_stats.ess(post, method="bulk")),
+                    ("min_ess_tail", lambda: arviz_stats.ess(post, method="tail"))):
+        with warnings.catch_warnings():  # a constant entry gives NaN, skipped
+            warnings.simplefilter("ignore", RuntimeWarning)
+            vals = np.concatenate([np.ravel(v.values) for v in fn().data_vars.values()])
+        vals = vals[np.isfinite(vals)]
+        pick = np.max if key.startswith("max") else np.min
+        worst[key] = float(pick(vals)) if vals.size else float("nan")
+    stats = dt["sample_stats"].to_dataset() if "sample_stats" in dt.children else xr.Dataset()
+    out: dict[str, float | int] = {"draws": int(chain * draw)}
+    if "diverging" in stats:
+        out["divergences"] = int(stats["diverging"].values.sum())
+    out.update(worst)
+    if "log_p" in stats:  # identifiable where single weights are not (a BNN's symmetries)
+        out["ess_log_p"] = float(arviz_stats.ess(stats[["log_p"]])["log_p"])
+    if "energy" in stats:
+        out["min_bfmi"] = float(np.min(arviz_stats.bfmi(dt)["energy"].values))
+    return out
+
+
 def _corrected(dt: xr.DataTree, corrected: bool | None) -> bool:
     has = "sample_stats" in dt.children and {"log_p", "log_q"} <= set(dt["sample_stats"].data_vars)
     if corrected and not has:
@@ -210,9 +253,18 @@ def _corrected(dt: xr.DataTree, corrected: bool | None) -> bool:
 
 
 def _float64(dt: xr.DataTree) -> xr.DataTree:
-    r"""A copy whose log-likelihood and sample stats are float64: the importance ratios
-    :math:`\log p - \log q` of a wide guide span thousands of nats, where float32 weights
-    come out NaN with a meaningless constant k-hat."""
+    r"""A copy whose log-likelihood and sample stats are float64, refused below 25 draws:
+    the importance ratios :math:`\log p - \log q` of a wide guide span thousands of nats,
+    where float32 weights come out NaN with a meaningless constant k-hat."""
+    if "log_likelihood" not in dt.children:
+        raise ValueError("PSIS needs a log_likelihood group; export with to_datatree(...)")
+    ll = dt["log_likelihood"].to_dataset()
+    draws = ll.sizes.get("chain", 1) * ll.sizes.get("draw", 1)
+    if draws < 25:  # PSIS fits its Pareto tail to the largest min(S / 5, 3 sqrt(S)) ratios
+        raise ValueError(
+            f"PSIS needs at least 25 draws (its Pareto tail takes the largest S/5, at least "
+            f"5), got S = {draws}; export more draws, to_datatree(..., num_draws=100)"
+        )
     out = dt.copy()
     for group in ("log_likelihood", "sample_stats"):
         if group in out.children:

@@ -46,9 +46,16 @@ from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoContinuous
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import LowRankMultivariateNormal, biject_to
-from torch.distributions.utils import _standard_normal
 
-from ._samples import _missing_sites, _select_sites, _shape_draws, _shaped_samples
+from ._forward import forward_draws
+from ._samples import (
+    _low_rank_sample,
+    _missing_sites,
+    _require_continuous,
+    _select_sites,
+    _shape_draws,
+    _shaped_samples,
+)
 from ._vectorize import (
     _check_not_fed_forward,
     _check_positive_int,
@@ -63,7 +70,6 @@ from ._vectorize import (
     _run_vmapped,
     _sample_deferred,
     _warn_fallback,
-    forward_draws,
 )
 
 __all__ = [
@@ -77,20 +83,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- latents
-def _require_continuous(guide: Any, what: str) -> None:
-    if not isinstance(guide, AutoContinuous):
-        raise TypeError(
-            f"{what} needs an AutoContinuous guide (SWAGGuide, AutoLowRankMultivariateNormal, "
-            f"AutoLaplaceApproximation, ...), got guide={type(guide).__name__}; for other "
-            "guides use predictive(model, guide, ...) which runs the guide itself"
-        )
-    if getattr(guide, "prototype_trace", None) is None:
-        raise RuntimeError(
-            f"{what}: guide={type(guide).__name__} has not been set up; call "
-            "guide(*model_args) once, or pass the model arguments to sample_latents"
-        )
-
-
 def sample_latents(guide: Any, num_samples: int, *args, **kwargs) -> torch.Tensor:
     """Draw unconstrained latent vectors from a guide's posterior in one batched op.
 
@@ -119,19 +111,6 @@ def sample_latents(guide: Any, num_samples: int, *args, **kwargs) -> torch.Tenso
         if low_rank and not posterior.batch_shape:
             return _low_rank_sample(posterior, num_samples)
         return posterior.sample((num_samples,))
-
-
-def _low_rank_sample(posterior: LowRankMultivariateNormal, num: int) -> torch.Tensor:
-    """``posterior.rsample((num,))`` with the low-rank term as one matmul.
-
-    The same standard-normal draws as ``LowRankMultivariateNormal.rsample`` (``eps_W`` (S, K),
-    then ``eps_D`` (S, P)); ``loc + eps_W W^T + sqrt(D) * eps_D`` is then one ``addmm`` instead
-    of torch's S matrix-vector products over an expanded copy of ``W`` (S x P x K floats).
-    """
-    loc, factor = posterior.loc, posterior.cov_factor
-    eps_w = _standard_normal((num, factor.shape[-1]), dtype=loc.dtype, device=loc.device)
-    eps_d = _standard_normal((num, loc.shape[-1]), dtype=loc.dtype, device=loc.device)
-    return torch.addcmul(torch.addmm(loc, eps_w, factor.T), posterior.cov_diag.sqrt(), eps_d)
 
 
 def _unpack(guide: Any, latents: torch.Tensor) -> tuple[dict, torch.Tensor]:

@@ -30,7 +30,6 @@ import pyro.optim  # binds pyro too
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from tqdm.auto import tqdm
 
 from . import _checkpoint, _fitargs
@@ -66,31 +65,6 @@ class FitResult(NamedTuple):
 
     guide: SWAGGuide | None
     history: dict[str, Any]
-
-
-def _unwrap(collector: SWAGCollector) -> tuple[Any, Callable]:
-    """(InitMessenger, model) of the collector's ``InitMessenger(init_loc_fn)(model)``."""
-    wrapped = collector.model
-    args = getattr(wrapped, "args", ())
-    if len(args) == 2 and isinstance(args[0], InitMessenger):
-        return args[0], args[1]
-    return None, wrapped
-
-
-def _check_model(collector: SWAGCollector, model: Callable) -> None:
-    if _unwrap(collector)[1] is not model:
-        raise ValueError(
-            "model is not the model the collector was built on; build it as "
-            "SWAGCollector(model) with the model passed to fit"
-        )
-
-
-def _use_network_init(collector: SWAGCollector, model: Callable) -> None:
-    """Start from the network's own init when the collector kept the default init_to_median."""
-    messenger, _ = _unwrap(collector)
-    init = getattr(model, "init_loc_fn", None)
-    if messenger is not None and messenger.init_fn is init_to_median and callable(init):
-        collector._model = (InitMessenger(init())(model),)
 
 
 def _lr(optim) -> float:
@@ -214,7 +188,7 @@ def fit(
     """
     if not isinstance(collector, SWAGCollector):
         raise TypeError(f"collector must be a SWAGCollector, got {type(collector).__name__}")
-    _check_model(collector, model)
+    _fitargs._check_model(collector, model)
     _fitargs.check_fit_args(
         epochs=epochs, swa_start=swa_start, swa_lr=swa_lr, swa_momentum=swa_momentum,
         anneal_epochs=anneal_epochs, anneal_strategy=anneal_strategy, anneal_from=anneal_from,
@@ -248,7 +222,7 @@ def fit(
     args = _as_args(first)
     _check_batch(model, args, kwargs, n, check_scaling)
     if collector.prototype_trace is None:
-        _use_network_init(collector, model)
+        _fitargs._use_network_init(collector, model)
         collector(*args, **kwargs)
     if isinstance(batches, _TensorBatches) and batches.batch_size == n > 1:
         warnings.warn(

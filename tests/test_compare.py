@@ -40,9 +40,13 @@ def test_compare_end_to_end_writes_every_output(tmp_path):
     assert results["methods"]["swag"]["test_ll"] != results["methods"]["swa"]["test_ll"]
     assert "vs_nuts" in results["methods"]["swag"]
     assert results["methods"]["nuts"].get("vs_nuts") is None
+    health = results["methods"]["nuts"]["mcmc_health"]  # the reference's own checks
+    assert health["draws"] == 30 and health["divergences"] >= 0 and health["min_bfmi"] > 0
+    assert health["max_rhat"] > 0.9 and health["min_ess_bulk"] > 0
     assert summary["methods"]["swag"]["test_ll"] == results["methods"]["swag"]["test_ll"]
     first = (out / "report.md").read_text()
     assert "| SWAG |" in first and "Agreement with NUTS" in first
+    assert "- NUTS: 30 draws, " in first and "max split R̂" in first
     # a second run into the same directory replaces the report, leaving no stale method files
     (out / "nuts.nc").write_text("stale")
     compare(small(), out, config=tiny(methods=("map",)), quiet=True)

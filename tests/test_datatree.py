@@ -10,6 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import arviz_base  # noqa: E402
+import arviz_stats  # noqa: E402
 import numpy as np  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
@@ -27,6 +29,7 @@ from pyro_swag.datatree import (  # noqa: E402
     compare,
     loo,
     loo_pit,
+    mcmc_health,
     plot_forest,
     plot_loo_pit,
     plot_ppc,
@@ -122,6 +125,38 @@ def test_nuts_export_matches_mcmc_and_potential_energy(fitted):
     depth, steps = dt["sample_stats"]["tree_depth"].values, dt["sample_stats"]["n_steps"].values
     assert (depth >= 1).all() and (steps <= 2**depth - 1).all()
     assert (steps >= 2 ** (depth - 1)).all()
+
+
+def test_nuts_energy_is_potential_plus_fresh_kinetic(fitted):
+    # oracle: draw s's energy is U(previous draw) + K(r), r ~ N(0, M): K ~ chi2(d) / 2
+    stats = fitted["dts"]["nuts"]["sample_stats"]
+    energy, log_p = stats["energy"].values[0], stats["log_p"].values[0]
+    kinetic = energy[1:] + log_p[:-1]
+    d = D + 2  # w, b, sigma
+    assert (kinetic >= -1e-4).all()
+    assert kinetic.mean() == pytest.approx(d / 2, abs=4 * np.sqrt(d / 2 / kinetic.size))
+    assert kinetic.var() == pytest.approx(d / 2, rel=0.35)
+    bfmi = arviz_stats.bfmi(fitted["dts"]["nuts"])
+    assert 0.3 < float(bfmi["energy"].min()) < 2.0  # a well-mixed linear regression
+
+
+def test_mcmc_health_oracles():
+    rng = np.random.default_rng(0)
+    iid = rng.normal(size=(1, 400, 3))
+    stats = {"diverging": np.zeros((1, 400), bool), "energy": rng.normal(size=(1, 400)),
+             "log_p": rng.normal(size=(1, 400))}
+    stats["diverging"][0, [3, 50]] = True
+    h = mcmc_health(arviz_base.from_dict({"posterior": {"w": iid}, "sample_stats": stats}))
+    assert h["draws"] == 400 and h["divergences"] == 2
+    assert h["max_rhat"] < 1.03 and 250 < h["min_ess_bulk"] < 600  # iid: ESS about 400
+    assert 1.5 < h["min_bfmi"] < 2.5  # iid energies: E-BFMI about 2
+    assert 250 < h["ess_log_p"] < 600
+    stuck = iid.copy()
+    stuck[0, 200:, 1] += 3.0  # the one chain's halves disagree: split R-hat sees it
+    h = mcmc_health(arviz_base.from_dict({"posterior": {"w": stuck}}))
+    assert h["max_rhat"] > 1.5 and "divergences" not in h and "min_bfmi" not in h
+    with pytest.raises(ValueError, match="at least 4 draws"):
+        mcmc_health(arviz_base.from_dict({"posterior": {"w": iid[:, :3]}}))
 
 
 def test_swag_log_q_is_guide_density(fitted):
@@ -231,6 +266,11 @@ def test_errors(fitted):
         to_datatree(42, args, kwargs, model=linreg)
     with pytest.raises(ValueError, match="no observed site"):
         to_datatree(fitted["swag"], args, {}, num_draws=5)
+    few = to_datatree(fitted["swag"], args, kwargs, num_draws=24)  # ArviZ: "n_draws_tail"
+    for fn in (loo, loo_pit):
+        with pytest.raises(ValueError, match="at least 25 draws.*got S = 24.*num_draws=100"):
+            fn(few)
+    assert np.isfinite(float(loo(to_datatree(fitted["swag"], args, kwargs, num_draws=25)).elpd))
 
 
 def subsampled(x, y=None, subsample=None):

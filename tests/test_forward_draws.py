@@ -10,7 +10,7 @@ from pyro import poutine
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from pyro_swag._vectorize import _refresh_norms
+from pyro_swag._forward import _refresh_norms
 from pyro_swag.models import BayesianMLP
 from pyro_swag.predictive import forward_draws
 

@@ -38,13 +38,17 @@ def swag(lr, epochs=30, **kw):
 @pytest.mark.parametrize("data, err, match", [
     ("x only", ValueError, "the model observes nothing"),  # obs would become a latent
     ("dict", TypeError, r"got a dict with keys \['x', 'y'\]"),
+    ("numpy", TypeError, r"got \(ndarray, ndarray\); convert arrays with torch.as_tensor"),
+    ("column y", ValueError, r"(?s)invalid log_prob shape.*position\(s\) \[1\] have shape "
+                             r"\(N, 1\).*y.squeeze\(-1\)"),  # would broadcast to (N, N)
 ])
-def test_fit_refuses_data_without_targets_or_as_a_dict(data, err, match):
+def test_fit_refuses_data_in_the_wrong_form(data, err, match):
     x, y = make_data()
+    given = {"x only": (x,), "dict": {"x": x, "y": y}, "numpy": (x.numpy(), y.numpy()),
+             "column y": (x, y[:, None])}[data]
     collector = SWAGCollector(linreg, rank=2)
     with pytest.raises(err, match=match):
-        fit(linreg, collector, (x,) if data == "x only" else {"x": x, "y": y}, epochs=3,
-            swa_start=1, swa_lr=1e-3, quiet=True)
+        fit(linreg, collector, given, epochs=3, swa_start=1, swa_lr=1e-3, quiet=True)
     assert collector.prototype_trace is None and collector.moments.count == 0
 
 
