@@ -1,7 +1,8 @@
 """SWAG, AutoNormal SVI and NUTS on one linear regression, exported to ArviZ and compared.
 
-Writes ``forest.png`` (all three methods), ``ppc.png`` and ``loo_pit.png`` (SWAG) and the
-SWAG DataTree ``swag.nc`` into ``--out``, and prints naive vs corrected PSIS-LOO.
+Writes ``forest.png`` (all three methods), ``ppc.png`` and ``loo_pit.png`` (SWAG),
+``energy.png`` (NUTS) and the SWAG DataTree ``swag.nc`` into ``--out``, and prints naive vs
+corrected PSIS-LOO and NUTS's own checks.
 
     python examples/arviz_workflow.py --out /tmp/arviz            # N=200, 1000 draws
     python examples/arviz_workflow.py --smoke --out /tmp/arviz    # tiny, < 20 s
@@ -28,6 +29,8 @@ from pyro_swag.datatree import (  # noqa: E402
     RecordingNUTS,
     compare,
     loo,
+    mcmc_health,
+    plot_energy,
     plot_forest,
     plot_loo_pit,
     plot_ppc,
@@ -117,8 +120,12 @@ def main() -> None:
         plot_forest(dts, args.out / "forest.png", var_names=["w", "b", "sigma"])
         plot_ppc(dts["SWAG"], args.out / "ppc.png", num_samples=50)
         plot_loo_pit(dts["SWAG"], args.out / "loo_pit.png")
+        plot_energy(dts["NUTS"], args.out / "energy.png")
+        health = mcmc_health(dts["NUTS"])
+    print("NUTS checks: " + ", ".join(
+        f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in health.items()))
     dts["SWAG"].to_netcdf(args.out / "swag.nc", engine="h5netcdf")
-    print(f"wrote forest.png, ppc.png, loo_pit.png, swag.nc to {args.out}")
+    print(f"wrote forest.png, ppc.png, loo_pit.png, energy.png, swag.nc to {args.out}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--svi-steps", type=int, default=None)
     cmp.add_argument("--nuts-budget", type=float, default=None, metavar="SECONDS",
                      help="stop NUTS (reported as skipped) after this long")
+    cmp.add_argument("--calibration", choices=("elbo", "psis", "validation"), default=None,
+                     help="scale selection of calibrated SWAG (default elbo; see "
+                          "docs/calibration.md for classification)")
     cmp.add_argument("--quick", action="store_true",
                      help="tiny settings for a smoke run (seconds, not minutes)")
     cmp.add_argument("--seed", type=int, default=0)
@@ -69,7 +72,8 @@ def _config(args):
                  "pretrain_beta": args.pretrain_beta,
                  "methods": tuple(args.methods), "seed": args.seed}
     for key, attr in (("pretrain_steps", "pretrain_steps"), ("svi_steps", "svi_steps"),
-                      ("nuts_budget", "nuts_budget_s"), ("num_samples", "num_samples")):
+                      ("nuts_budget", "nuts_budget_s"), ("num_samples", "num_samples"),
+                      ("calibration", "calibration")):
         if getattr(args, key) is not None:
             overrides[attr] = getattr(args, key)
     values = {**base.__dict__, **overrides}

@@ -43,8 +43,8 @@ from scipy.special import logsumexp
 from ._sources import RecordingNUTS, collect, constant_data_of, site_dims
 
 __all__ = [
-    "RecordingNUTS", "compare", "loo", "loo_pit", "mcmc_health", "plot_forest", "plot_loo_pit",
-    "plot_ppc", "psis_diagnostic", "to_datatree",
+    "RecordingNUTS", "compare", "loo", "loo_pit", "mcmc_health", "plot_energy", "plot_forest",
+    "plot_loo_pit", "plot_ppc", "plot_trace", "psis_diagnostic", "to_datatree",
 ]
 
 
@@ -340,6 +340,20 @@ def _save(pc, path):
 def plot_ppc(dt: xr.DataTree, path=None, **kwargs):
     """Posterior predictive check (``arviz_plots.plot_ppc_dist``); saved to ``path`` if given."""
     return _save(arviz_plots.plot_ppc_dist(dt, backend="matplotlib", **kwargs), path)
+
+
+def plot_trace(dt: xr.DataTree, path=None, **kwargs):
+    """Trace and marginal per variable (``arviz_plots.plot_trace_dist``): chains of MCMC, runs
+    of MultiSWAG; saved to ``path`` if given."""
+    return _save(arviz_plots.plot_trace_dist(dt, backend="matplotlib", **kwargs), path)
+
+
+def plot_energy(dt: xr.DataTree, path=None, **kwargs):
+    """Marginal and transition energy of an MCMC export with ``energy``
+    (:class:`RecordingNUTS`; ``arviz_plots.plot_energy``); saved to ``path`` if given."""
+    if "sample_stats" not in dt.children or "energy" not in dt["sample_stats"].data_vars:
+        raise ValueError("plot_energy needs sample_stats.energy: run MCMC with RecordingNUTS")
+    return _save(arviz_plots.plot_energy(dt, backend="matplotlib", **kwargs), path)
 
 
 def plot_forest(dts: Mapping[str, xr.DataTree] | xr.DataTree, path=None, **kwargs):

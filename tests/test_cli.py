@@ -2,7 +2,7 @@
 
 import pytest
 
-from pyro_swag.cli import main
+from pyro_swag.cli import _config, _parser, main
 from pyro_swag.compare import CompareConfig, compare
 
 
@@ -45,3 +45,12 @@ def test_rmse_checkpoints_on_categorical_data_and_bad_network_widths_are_refused
     assert len(BayesianMLP(3, hidden=()).layers) == 1  # a Bayesian linear model
     with pytest.raises(ValueError, match="likelihood='gausian' is not one of"):
         BayesianMLP(3, likelihood="gausian")
+
+
+def test_calibration_flag_reaches_the_config(capsys):
+    assert _config(_parser().parse_args(["compare"])).calibration == "elbo"
+    args = _parser().parse_args(["compare", "--calibration", "psis", "--quick"])
+    assert _config(args).calibration == "psis"
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["compare", "--calibration", "laplace"])
+    assert "invalid choice: 'laplace'" in capsys.readouterr().err

@@ -30,9 +30,11 @@ from pyro_swag.datatree import (  # noqa: E402
     loo,
     loo_pit,
     mcmc_health,
+    plot_energy,
     plot_forest,
     plot_loo_pit,
     plot_ppc,
+    plot_trace,
     psis_diagnostic,
     to_datatree,
 )
@@ -242,9 +244,13 @@ def test_plots_render_headless(fitted, tmp_path):
         plot_ppc(dts["swag"], tmp_path / "ppc.png", num_samples=20)
         plot_forest(dts, tmp_path / "forest.png", var_names=["w", "b", "sigma"])
         plot_loo_pit(dts["swag"], tmp_path / "loo_pit.png")
+        plot_trace(dts["nuts"], tmp_path / "trace.png", var_names=["w", "sigma"])
+        plot_energy(dts["nuts"], tmp_path / "energy.png")
         pit = loo_pit(dts["swag"])["obs"].values
     assert ((pit >= 0) & (pit <= 1)).all() and pit.shape == (N,)
-    for name in ("ppc", "forest", "loo_pit"):
+    with pytest.raises(ValueError, match="needs sample_stats.energy: run MCMC with RecordingNUTS"):
+        plot_energy(dts["swag"])
+    for name in ("ppc", "forest", "loo_pit", "trace", "energy"):
         assert (tmp_path / f"{name}.png").stat().st_size > 5000
 
 
@@ -307,8 +313,8 @@ def test_example_smoke(tmp_path):
         capture_output=True, text=True, timeout=120, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "corrected" in proc.stdout
-    assert (tmp_path / "forest.png").exists()
+    assert "corrected" in proc.stdout and "NUTS checks: draws 100, divergences " in proc.stdout
+    assert (tmp_path / "forest.png").exists() and (tmp_path / "energy.png").exists()
 
 
 def test_sequential_chains_keep_every_chains_stats():
