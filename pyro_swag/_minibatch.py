@@ -142,6 +142,29 @@ def _accepts(model: Callable, name: str | None) -> bool:
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
+def _check_column_targets(trace, tensors) -> None:
+    """Name the common cause of Pyro's log_prob shape error: targets of shape (N, 1) that
+    broadcast against a plate of size N. Other shape errors are left to the ELBO, which
+    applies its own ``max_plate_nesting``."""
+    column = [i for i, t in enumerate(tensors)
+              if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[-1] == 1]
+    if not column:
+        return
+    try:  # the check Pyro's ELBO makes (at its default max_plate_nesting)
+        trace.compute_log_prob()
+        for site in trace.nodes.values():
+            if site["type"] == "sample" and site["is_observed"]:
+                check_site_shape(site, max_plate_nesting=float("inf"))
+    except ValueError as err:
+        if "log_prob shape" not in str(err):
+            raise
+        raise ValueError(
+            f"{err}\nThe data tensor(s) at position(s) {column} have shape (N, 1): the "
+            "trailing axis of size 1 broadcasts against the plate. Pass targets as a "
+            "vector, y.squeeze(-1)"
+        ) from err
+
+
 def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool) -> None:
     """Raise unless the model observes something given a batch, and (``check_scaling``) its
     observed sites are scaled by ``num_data / batch``.
@@ -151,21 +174,7 @@ def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool) -> Non
     """
     with torch.random.fork_rng(), torch.no_grad():
         trace = poutine.trace(model).get_trace(*args, **kwargs)
-        try:  # the check Pyro's ELBO makes, here to name the common cause
-            trace.compute_log_prob()
-            for site in trace.nodes.values():
-                if site["type"] == "sample" and site["is_observed"]:
-                    check_site_shape(site, max_plate_nesting=float("inf"))
-        except ValueError as err:
-            column = [i for i, t in enumerate((*args, *kwargs.values()))
-                      if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[-1] == 1]
-            if not column or "log_prob shape" not in str(err):
-                raise
-            raise ValueError(
-                f"{err}\nThe data tensor(s) at position(s) {column} have shape (N, 1): the "
-                "trailing axis of size 1 broadcasts against the plate. Pass targets as a "
-                "vector, y.squeeze(-1)"
-            ) from err
+        _check_column_targets(trace, (*args, *kwargs.values()))
     observed = [
         (name, float(torch.as_tensor(site["scale"], dtype=torch.float64).mean()))
         for name, site in trace.nodes.items()

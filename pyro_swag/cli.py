@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--svi-steps", type=int, default=None)
     cmp.add_argument("--nuts-budget", type=float, default=None, metavar="SECONDS",
                      help="stop NUTS (reported as skipped) after this long")
+    cmp.add_argument("--nuts-warmup", type=int, default=None, metavar="N",
+                     help="NUTS warm-up iterations (default 100)")
+    cmp.add_argument("--nuts-samples", type=int, default=None, metavar="N",
+                     help="NUTS draws kept (default 100); the report checks their R-hat/ESS")
     cmp.add_argument("--calibration", choices=("elbo", "psis", "validation"), default=None,
                      help="scale selection of calibrated SWAG (default elbo; see "
                           "docs/calibration.md for classification)")
@@ -73,7 +77,8 @@ def _config(args):
                  "methods": tuple(args.methods), "seed": args.seed}
     for key, attr in (("pretrain_steps", "pretrain_steps"), ("svi_steps", "svi_steps"),
                       ("nuts_budget", "nuts_budget_s"), ("num_samples", "num_samples"),
-                      ("calibration", "calibration")):
+                      ("calibration", "calibration"), ("nuts_warmup", "nuts_warmup"),
+                      ("nuts_samples", "nuts_samples")):
         if getattr(args, key) is not None:
             overrides[attr] = getattr(args, key)
     values = {**base.__dict__, **overrides}

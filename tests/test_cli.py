@@ -47,10 +47,14 @@ def test_rmse_checkpoints_on_categorical_data_and_bad_network_widths_are_refused
         BayesianMLP(3, likelihood="gausian")
 
 
-def test_calibration_flag_reaches_the_config(capsys):
+def test_calibration_and_nuts_flags_reach_the_config(capsys):
     assert _config(_parser().parse_args(["compare"])).calibration == "elbo"
     args = _parser().parse_args(["compare", "--calibration", "psis", "--quick"])
     assert _config(args).calibration == "psis"
+    args = _parser().parse_args(["compare", "--nuts-warmup", "300", "--nuts-samples", "400"])
+    assert (_config(args).nuts_warmup, _config(args).nuts_samples) == (300, 400)
+    with pytest.raises(ValueError, match="nuts_samples must be an int >= 1"):
+        _config(_parser().parse_args(["compare", "--nuts-samples", "0"]))
     with pytest.raises(SystemExit):
         _parser().parse_args(["compare", "--calibration", "laplace"])
     assert "invalid choice: 'laplace'" in capsys.readouterr().err
