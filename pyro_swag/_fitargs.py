@@ -185,7 +185,7 @@ def warn_few_snapshots(num_snapshots: int, collect_every_steps, stacklevel: int 
         )
 
 
-def _unwrap(collector: Any) -> tuple[Any, Callable]:
+def unwrap(collector: Any) -> tuple[Any, Callable]:
     """(InitMessenger, model) of the collector's ``InitMessenger(init_loc_fn)(model)``."""
     wrapped = collector.model
     args = getattr(wrapped, "args", ())
@@ -194,17 +194,17 @@ def _unwrap(collector: Any) -> tuple[Any, Callable]:
     return None, wrapped
 
 
-def _check_model(collector: Any, model: Callable) -> None:
-    if _unwrap(collector)[1] is not model:
+def check_model(collector: Any, model: Callable) -> None:
+    if unwrap(collector)[1] is not model:
         raise ValueError(
             "model is not the model the collector was built on; build it as "
             "SWAGCollector(model) with the model passed to fit"
         )
 
 
-def _use_network_init(collector: Any, model: Callable) -> None:
+def use_network_init(collector: Any, model: Callable) -> None:
     """Start from the network's own init when the collector kept the default init_to_median."""
-    messenger, _ = _unwrap(collector)
+    messenger, _ = unwrap(collector)
     init = getattr(model, "init_loc_fn", None)
     if messenger is not None and messenger.init_fn is init_to_median and callable(init):
         collector._model = (InitMessenger(init())(model),)

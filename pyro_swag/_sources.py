@@ -61,7 +61,7 @@ class RecordingNUTS(NUTS):
     def _build_tree(self, *args, **kwargs):
         if self._nest == 0:  # one top-level call per doubling, all at the same energy
             self._depth += 1
-            energy = args[6] if len(args) > 6 else kwargs["energy_current"]
+            energy = args[6] if len(args) > 6 else kwargs.get("energy_current", float("nan"))
             self._energy = float(energy)
         self._nest += 1
         try:

@@ -188,7 +188,7 @@ def fit(
     """
     if not isinstance(collector, SWAGCollector):
         raise TypeError(f"collector must be a SWAGCollector, got {type(collector).__name__}")
-    _fitargs._check_model(collector, model)
+    _fitargs.check_model(collector, model)
     _fitargs.check_fit_args(
         epochs=epochs, swa_start=swa_start, swa_lr=swa_lr, swa_momentum=swa_momentum,
         anneal_epochs=anneal_epochs, anneal_strategy=anneal_strategy, anneal_from=anneal_from,
@@ -222,7 +222,7 @@ def fit(
     args = _as_args(first)
     _check_batch(model, args, kwargs, n, check_scaling)
     if collector.prototype_trace is None:
-        _fitargs._use_network_init(collector, model)
+        _fitargs.use_network_init(collector, model)
         collector(*args, **kwargs)
     if isinstance(batches, _TensorBatches) and batches.batch_size == n > 1:
         warnings.warn(
