@@ -32,6 +32,7 @@ from pyro_swag.compare import CompareConfig, make_model
 from pyro_swag.compare_methods import run_method
 from pyro_swag.compare_metrics import pointwise, scores
 from pyro_swag.data import UCI_DATASETS, load_uci, uci_num_splits
+from pyro_swag.recipes import recipe_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from uci_report import SETS, write_table  # noqa: E402  (benchmarks/ is not a package)
@@ -46,72 +47,17 @@ RECIPE_SUFFIX = {"a": "", "b": "_b", "c": "_c", "d": "_d", "e": "_e", "f": "_f",
 RECIPE_METHODS = {"swag", "swag_diag", "multiswag"}
 DEFAULT_METHODS = ["swag", "multiswag", "svi_normal", "svi_lowrank"]
 SMALL = {"boston", "concrete", "energy", "wine", "yacht"}  # NUTS only here
-SCALE_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # recipe E's held-out choice of SWAG's scale
 LARGE = {"kin8nm", "naval", "power", "protein"}
 
 
-def config_for(name: str, args, num_train: int = 0) -> CompareConfig:
-    """Benchmark settings; large sets get larger Adam batches and shorter SWA epochs.
-
-    Recipe B (``--recipe b``) keeps everything else and changes pre-training and the SWA rate:
-    up to 10000 Adam steps (small sets) or 20000 (large sets) with patience 30, on the small
-    sets the batch size (128 or full batch) chosen per split by the early-stopped point's
-    held-out log-likelihood, and ``swa_c`` chosen per split from {0.03, 0.1, 0.3} by the SWAG
-    predictive's held-out log-likelihood (all on the 10 % of the training split held out).
-    Recipe C (``--recipe c``) is recipe B with longer pre-training on the large sets: 40000
-    Adam steps at B's per-step rate decay (to 1 % of the start), without early stopping (the
-    best held-out point of the whole run is kept) and c = 0.01 added to the grid of SWA rates
-    (recipe B chose its smallest, 0.03, on every kin8nm and power split). The small sets are
-    as in B. Recipe D (``--recipe d``) is C with, on the small sets, the pre-training run
-    (batch 128 or full batch) chosen jointly with ``swa_c`` by the SWAG predictive's held-out
-    log-likelihood instead of by the early-stopped MAP's. Recipe E (``--recipe e``) is D with
-    SWAG's covariance scale chosen jointly with ``swa_c`` (and the pre-training run) from
-    :data:`SCALE_GRID`, on the same held-out part and short SWA phases; on the small sets each
-    pre-training run also offers its point of best held-out squared error as a candidate.
-    Recipe F (``--recipe f``) is E with a heteroscedastic network (``heteroscedastic=True``:
-    a second output gives the noise sd per input), the likelihood of the published SWAG's
-    UCI runs. Recipe G (``--recipe g``) is F pre-trained on the beta-NLL loss with
-    beta = 0.5 (``pretrain_beta=0.5``), so that the points F's network gives a large noise sd
-    still pull the mean.
-    """
-    large = name in LARGE
-    longer = large and args.recipe in ("c", "d", "e", "f", "g")
-    e_like = args.recipe in ("e", "f", "g")
-    if args.recipe in ("b", "c", "d", "e", "f", "g"):
-        return CompareConfig(
-            heteroscedastic=args.recipe in ("f", "g"),
-            pretrain_beta=0.5 if args.recipe == "g" else None,
-            pretrain_steps=40000 if longer else 20000 if large else 10000,
-            pretrain_lr_decay=0.01 if longer else 0.1,
-            pretrain_batch_size=512 if large else 128,
-            pretrain_batch_grid=None if large else (128, max(num_train, 128)),
-            patience=None if longer else 30,
-            pretrain_val_fraction=0.1,
-            pretrain_select="swag" if args.recipe in ("d", "e", "f", "g") and not large else "map",
-            swa_c_grid=(0.01, 0.03, 0.1, 0.3) if longer else (0.03, 0.1, 0.3),
-            swa_scale_grid=SCALE_GRID if e_like else None,
-            pretrain_checkpoints=("ll", "rmse") if e_like and not large else ("ll",),
-            svi_steps=args.svi_steps,
-            swa_snapshots=args.snapshots,
-            max_collect_every=20 if large else 50,
-            multiswag_runs=args.multiswag_runs,
-            num_samples=100,
-            methods=tuple(args.methods),
-            seed=0,
-        )
-    return CompareConfig(
-        pretrain_steps=args.pretrain_steps,
-        pretrain_batch_size=512 if large else 128,
-        pretrain_val_fraction=0.1,
-        svi_steps=args.svi_steps,
-        swa_snapshots=args.snapshots,
-        max_collect_every=20 if large else 50,
-        multiswag_runs=args.multiswag_runs,
-        num_samples=100,
-        nuts_warmup=250, nuts_samples=250, nuts_budget_s=args.nuts_budget,
-        methods=tuple(args.methods),
-        seed=0,
-    )
+def config_for(name: str, args, data) -> CompareConfig:
+    """Benchmark settings: :func:`pyro_swag.recipes.recipe_config` (where the recipes are
+    described) with this script's step, snapshot and run counts."""
+    extra = {"pretrain_steps": args.pretrain_steps, "nuts_budget_s": args.nuts_budget} if (
+        args.recipe == "a") else {}
+    return recipe_config(args.recipe, data, large=name in LARGE, svi_steps=args.svi_steps,
+                         swa_snapshots=args.snapshots, multiswag_runs=args.multiswag_runs,
+                         methods=tuple(args.methods), **extra)
 
 
 def settings(cfg: CompareConfig) -> dict:
@@ -155,7 +101,7 @@ def run_split(name: str, split: int, methods: list[str], args, cache: dict) -> N
     if not todo:
         return
     data = load_uci(name, split, args.data_dir)
-    cfg = config_for(name, args, data.x_train.shape[0])
+    cfg = config_for(name, args, data)
     torch.manual_seed(0)
     model = make_model(data, cfg.hidden, cfg.seed, cfg.heteroscedastic)
     state: dict = {}

@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--calibration", choices=("elbo", "psis", "validation"), default=None,
                      help="scale selection of calibrated SWAG (default elbo; see "
                           "docs/calibration.md for classification)")
+    cmp.add_argument("--recipe", choices=("a", "b", "c", "d", "e", "f", "g"), default=None,
+                     help="the settings of a UCI benchmark recipe (pyro_swag.recipes; "
+                          "docs/results/uci.md), e.g. e; other options override them")
     cmp.add_argument("--quick", action="store_true",
                      help="tiny settings for a smoke run (seconds, not minutes)")
     cmp.add_argument("--seed", type=int, default=0)
@@ -68,13 +71,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args):
+def _config(args, data=None):
     from .compare import CompareConfig, quick_config
 
-    base = quick_config() if args.quick else CompareConfig()
-    overrides = {"hidden": tuple(args.hidden), "heteroscedastic": args.heteroscedastic,
-                 "pretrain_beta": args.pretrain_beta,
-                 "methods": tuple(args.methods), "seed": args.seed}
+    if args.recipe is not None:
+        from .recipes import recipe_config
+
+        base = recipe_config(args.recipe, data)
+    else:
+        base = quick_config() if args.quick else CompareConfig()
+    overrides = {"hidden": tuple(args.hidden), "methods": tuple(args.methods), "seed": args.seed}
+    if args.heteroscedastic:
+        overrides["heteroscedastic"] = True
+    if args.pretrain_beta is not None:
+        overrides["pretrain_beta"] = args.pretrain_beta
     for key, attr in (("pretrain_steps", "pretrain_steps"), ("svi_steps", "svi_steps"),
                       ("nuts_budget", "nuts_budget_s"), ("num_samples", "num_samples"),
                       ("calibration", "calibration"), ("nuts_warmup", "nuts_warmup"),
@@ -91,7 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"argument --threads: must be >= 1, got {args.threads}")
-    from .data import UCI_DATASETS
+    if args.recipe is not None and args.quick:
+        parser.error("argument --quick: not with --recipe (a recipe sets every size)")
+    from .data import UCI_DATASETS, load_dataset
 
     if args.data_dir is not None and not (args.uci or args.dataset.removeprefix("uci:")
                                           in UCI_DATASETS):
@@ -104,10 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .compare_report import markdown
 
     try:
-        config = _config(args)
         name = f"uci:{args.uci}" if args.uci else args.dataset
-        summary = compare(name, args.out, config=config, split=args.split,
-                          data_dir=args.data_dir, quiet=args.quiet)
+        data = load_dataset(name, args.split, data_dir=args.data_dir)
+        config = _config(args, data)
+        summary = compare(data, args.out, config=config, quiet=args.quiet)
     except (ValueError, TypeError, OSError) as err:
         print(f"pyro-swag compare: error: {err}", file=sys.stderr)
         return 2

@@ -58,3 +58,34 @@ def test_calibration_and_nuts_flags_reach_the_config(capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(["compare", "--calibration", "laplace"])
     assert "invalid choice: 'laplace'" in capsys.readouterr().err
+
+
+def test_recipes_are_the_benchmark_settings_and_the_cli_keeps_them():
+    from pyro_swag.data import load_dataset
+    from pyro_swag.recipes import LARGE_N, SCALE_GRID, recipe_config
+
+    data = load_dataset("diabetes")  # 353 training points: a small set
+    e = recipe_config("e", data)
+    assert e.swa_scale_grid == SCALE_GRID and e.pretrain_select == "swag"
+    assert e.pretrain_batch_grid == (128, 353) and e.pretrain_checkpoints == ("ll", "rmse")
+    assert e.pretrain_steps == 10000 and e.patience == 30 and not e.heteroscedastic
+    c_large = recipe_config("c", data, large=True)
+    assert (c_large.pretrain_steps, c_large.patience, c_large.pretrain_batch_size) == (
+        40000, None, 512) and c_large.swa_c_grid == (0.01, 0.03, 0.1, 0.3)
+    assert recipe_config("b", data, large=True).pretrain_steps == 20000  # b: not longer
+    assert recipe_config("a", data).nuts_samples == 250 and LARGE_N > 1439  # wine: small
+    assert recipe_config("e", load_dataset("digits")).pretrain_checkpoints == ("ll",)
+    assert recipe_config("e", data, seed=3, methods=("swag",)).seed == 3
+    with pytest.raises(ValueError, match="recipe='h' is not one of"):
+        recipe_config("h", data)
+    with pytest.raises(TypeError, match="data must be a pyro_swag.data.Dataset"):
+        recipe_config("e", "diabetes")
+    g = _config(_parser().parse_args(["compare", "--recipe", "g", "--svi-steps", "5"]), data)
+    assert g.heteroscedastic and g.pretrain_beta == 0.5 and g.svi_steps == 5  # CLI overrides
+    assert g.swa_scale_grid == SCALE_GRID  # the rest is the recipe's
+
+
+def test_recipe_with_quick_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--recipe", "e", "--quick"])
+    assert exc.value.code == 2 and "not with --recipe" in capsys.readouterr().err
