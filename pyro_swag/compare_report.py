@@ -36,12 +36,15 @@ def _tree_and_loo(model, data, res, num_draws: int, seed: int):
     pyro.set_rng_seed(seed)  # the same draws whichever methods ran before
     try:
         dt = to_datatree(source, args, kwargs, model=model, num_chains=chains, num_draws=draws)
+    except (ValueError, RuntimeError, TypeError) as err:
+        return None, {"loo_note": f"DataTree failed: {type(err).__name__}: {err}"}
+    try:
         with warnings.catch_warnings():  # a high or undefined k-hat is reported in the table
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", RuntimeWarning)
             elpd = loo(dt)
     except (ValueError, RuntimeError, TypeError) as err:
-        return None, {"loo_note": f"DataTree/LOO failed: {type(err).__name__}: {err}"}
+        return dt, {"loo_note": f"LOO failed: {type(err).__name__}: {err}"}
     value, k_max = float(elpd.elpd), float(elpd.pareto_k.max())
     if not math.isfinite(value):
         return dt, {"loo_note": f"LOO failed: the elpd is {value} (max Pareto k̂ {k_max:.3g})"}

@@ -269,3 +269,12 @@ def test_extreme_importance_ratios_give_a_real_loo_not_nan(tmp_path):
     assert math.isfinite(row["loo_elpd"]) and row["loo_max_k"] > 0.7
     text = (out / "report.md").read_text()
     assert "`pred_prob_err`: mean absolute difference" in text and "pred_sd_err" not in text
+
+
+def test_too_few_draws_for_loo_keep_the_trees_and_say_why(tmp_path):
+    cfg = tiny(methods=("swag", "nuts"), num_samples=20, nuts_samples=20)
+    rows = compare(small(), tmp_path / "r", config=cfg, quiet=True)["methods"]
+    for name in ("swag", "nuts"):
+        assert "LOO failed" in rows[name]["loo_note"] and "got S = 20" in rows[name]["loo_note"]
+        assert "loo_elpd" not in rows[name] and (tmp_path / "r" / f"{name}.nc").exists()
+    assert rows["nuts"]["mcmc_health"]["draws"] == 20
