@@ -61,8 +61,7 @@ class RecordingNUTS(NUTS):
     def _build_tree(self, *args, **kwargs):
         if self._nest == 0:  # one top-level call per doubling, all at the same energy
             self._depth += 1
-            energy = args[6] if len(args) > 6 else kwargs.get("energy_current", float("nan"))
-            self._energy = float(energy)
+            self._energy = args[6] if len(args) > 6 else kwargs.get("energy_current", self._energy)
         self._nest += 1
         try:
             return super()._build_tree(*args, **kwargs)
@@ -75,7 +74,7 @@ class RecordingNUTS(NUTS):
         step_size = float(self.step_size)
         out = super().sample(params)
         if self._t > self._warmup_steps:
-            self.chain_stats[-1].append((self._depth, self._leaves, step_size, self._energy))
+            self.chain_stats[-1].append((self._depth, self._leaves, step_size, float(self._energy)))
         return out
 
 

@@ -18,8 +18,10 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .calibrate import METHODS as CALIBRATIONS
     from .compare import METHODS
     from .data import SKLEARN_DATASETS, UCI_DATASETS
+    from .recipes import RECIPES
 
     parser = argparse.ArgumentParser(prog="pyro-swag", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,10 +58,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="NUTS warm-up iterations (default 100)")
     cmp.add_argument("--nuts-samples", type=int, default=None, metavar="N",
                      help="NUTS draws kept (default 100); the report checks their R-hat/ESS")
-    cmp.add_argument("--calibration", choices=("elbo", "psis", "validation"), default=None,
+    cmp.add_argument("--calibration", choices=CALIBRATIONS, default=None,
                      help="scale selection of calibrated SWAG (default elbo; see "
                           "docs/calibration.md for classification)")
-    cmp.add_argument("--recipe", choices=("a", "b", "c", "d", "e", "f", "g"), default=None,
+    cmp.add_argument("--recipe", choices=RECIPES, default=None,
                      help="the settings of a UCI benchmark recipe (pyro_swag.recipes; "
                           "docs/results/uci.md), e.g. e; other options override them")
     cmp.add_argument("--quick", action="store_true",
