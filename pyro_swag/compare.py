@@ -122,7 +122,9 @@ class CompareConfig:
         NUTS is stopped and reported as skipped when it runs longer than this.
     calibration : {"elbo", "psis", "validation"}
         Scale selection of calibrated SWAG (:func:`pyro_swag.calibrate.calibrate`);
-        ``"validation"`` scores the training data (no split is held out).
+        ``"validation"`` scores the pre-training hold-out (``pretrain_val_fraction``): an
+        extra SWA phase on the pre-training part, at the chosen rate, gives the scale
+        that the final guide then takes (the paper's way).
     methods : tuple of str
         Subset of :data:`METHODS` to run.
     seed : int

@@ -68,8 +68,10 @@ def _swag_run(ctx, need_swa: bool = True) -> dict:
     the pre-training's MAP from it."""
     if "swag_run" not in ctx.state:
         try:
+            cfg = ctx.config
+            heldout = cfg.calibration == "validation" and "calibrated_swag" in cfg.methods
             ctx.state["swag_run"] = train_swag(
-                ctx.model, ctx.data, ctx.config, ctx.config.seed, ctx.quiet
+                ctx.model, ctx.data, cfg, cfg.seed, ctx.quiet, heldout_scale=heldout
             )
         except SWAPhaseError as err:
             ctx.state["swag_run"] = {**err.pretrained, "swa_error": err}
@@ -129,16 +131,30 @@ def _multiswag(ctx) -> MethodResult:
 def _calibrated(ctx) -> MethodResult:
     from .calibrate import calibrate
 
-    run = _swag_run(ctx)
     data, cfg = ctx.data, ctx.config
+    run = _swag_run(ctx)
     start = time.perf_counter()
     guide = run["collector"].swag_guide()
-    result = calibrate(ctx.model, guide, data.x_train, data.y_train, method=cfg.calibration,
-                       num_samples=cfg.num_samples)
+    if cfg.calibration == "validation":  # chosen on the pre-training hold-out
+        result = run.get("heldout_calibration")
+        if result is None:
+            raise ValueError(
+                f"calibration='validation' needs held-out data, but pretrain_val_fraction="
+                f"{cfg.pretrain_val_fraction} with {data.x_train.shape[0]} training points "
+                "holds none out; set pretrain_val_fraction > 0 (at least 20 training points) "
+                "or use calibration='elbo'"
+            )
+        guide.scale, guide.calibration = result.scale, result.to_dict()
+        how = "validation on the pre-training hold-out"
+    else:
+        result = calibrate(ctx.model, guide, data.x_train, data.y_train,
+                           method=cfg.calibration, num_samples=cfg.num_samples)
+        how = f"{cfg.calibration} on the training data"
     draws = guide_draws(guide, data, cfg.num_samples)
-    wall = run["pretrain_s"] + run["swa_s"] + time.perf_counter() - start
+    wall = (run["pretrain_s"] + run["swa_s"] + run.get("heldout_s", 0.0)
+            + time.perf_counter() - start)
     return MethodResult("calibrated_swag", draws=draws, guide=guide, wall_s=wall,
-                        note=f"scale={result.scale:.3g} chosen by {cfg.calibration}",
+                        note=f"scale={result.scale:.3g} chosen by {how}",
                         extra={"scale": float(result.scale)})
 
 

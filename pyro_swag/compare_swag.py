@@ -110,12 +110,18 @@ def _precision(model, values: dict[str, torch.Tensor], x=None, y=None) -> float:
     return 1.0
 
 
-def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") -> dict:
+def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag",
+               heldout_scale: bool = False) -> dict:
     """Adam pre-training to the MAP, then :func:`pyro_swag.train.fit`'s SWA phase.
 
     Returns a dict with the collector, the SWAG guide (at the held-out scale, if one was
     chosen: ``guide.calibration``), the MAP values, ``tau_hat``, the SWA learning rate, the
-    held-out selections made and the wall times of both phases.
+    held-out selections made and the wall times of both phases. With ``heldout_scale``,
+    ``"heldout_calibration"`` holds a scale chosen on the pre-training hold-out: the SWA
+    phase at the chosen rate on the pre-training part, scored by
+    :func:`~pyro_swag.calibrate.calibrate_validation` on the held-out part (reused from
+    ``config.swa_scale_grid``'s selection when that ran; None without a held-out part);
+    its wall time is ``"heldout_s"``, not part of ``"swa_s"``.
     """
     x, y = data.x_train, data.y_train
     n = x.shape[0]
@@ -166,8 +172,14 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
                     "curvature": curvature, "c": c, "selection": selection,
                     "calibration": (scales or {}).get(c),
                     "pretrain_batch": size, "pretrain_val_ll": ll, "checkpoint": crit}
-    tau = best["tau"]
+    tau, heldout, heldout_s = best["tau"], best["calibration"], 0.0
     try:
+        if heldout_scale and heldout is None and val is not None:
+            heldout_start = time.perf_counter()
+            heldout = _heldout_scale(model, collector, x, y, train, val, best, config, quiet,
+                                     desc)
+            heldout_s = time.perf_counter() - heldout_start
+            start += heldout_s  # not part of the SWA phase's time
         guide, lr, retries = _swa_phase(model, collector, x, y,
                                         min(best["c"] / tau, best["cap"]), config,
                                         best["loc"], quiet, desc)
@@ -186,7 +198,25 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag") 
         "pretrain_batch": best["pretrain_batch"], "pretrain_val_ll": best["pretrain_val_ll"],
         "pretrain_checkpoint": best["checkpoint"],
         "pretrain_selection": pre_selection if len(pre_selection) > 1 else None,
+        "heldout_calibration": heldout, "heldout_s": heldout_s,
     }
+
+
+def _heldout_scale(model, collector, x, y, train, val, best, config, quiet, desc):
+    """The SWA phase at ``best``'s rate on the pre-training part, its scale chosen on the
+    held-out part. The RNG state is restored afterwards, so that the final SWA phase
+    draws the same batches whether or not this ran."""
+    from .calibrate import calibrate_validation
+
+    rng = pyro.util.get_rng_state()
+    try:
+        lr = min(best["c"] / best["tau"], best["cap"])
+        g, _, _ = _swa_phase(model, collector, x[train], y[train], lr, config, best["loc"],
+                             quiet, desc)
+        return calibrate_validation(model, g, x[val], y[val],
+                                    num_samples=config.num_samples, apply=False)
+    finally:
+        pyro.util.set_rng_state(rng)
 
 
 def _at(model, collector, loc, x, y, batch: int, config) -> tuple:

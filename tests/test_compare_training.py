@@ -168,3 +168,40 @@ def test_scale_grid_chooses_the_scale_with_the_rate_on_held_out_data(monkeypatch
         tiny(swa_scale_grid=(1.0, 2.0))
     with pytest.raises(ValueError, match="swa_scale_grid"):
         tiny(swa_c_grid=(0.1,), swa_scale_grid=(1.0, -2.0))
+
+
+def test_validation_calibration_scores_the_pretraining_hold_out(monkeypatch):
+    import pyro_swag.calibrate as cal
+    import pyro_swag.compare_swag as cs
+
+    data, cfg = small(), tiny()
+    plain = cs.train_swag(make_model(data), data, cfg, seed=0, quiet=True)
+    assert plain["heldout_calibration"] is None and plain["heldout_s"] == 0.0
+    seen = {}
+    real = cal.calibrate_validation
+
+    def spy(model, guide, *args, **kwargs):
+        seen["x"], seen["guide_mean"] = args[0], guide.loc.detach().clone()
+        return real(model, guide, *args, **kwargs)
+
+    monkeypatch.setattr(cal, "calibrate_validation", spy)
+    run = cs.train_swag(make_model(data), data, cfg, seed=0, quiet=True, heldout_scale=True)
+    _, val = cs._holdout(data.x_train.shape[0], cfg.pretrain_val_fraction, 0)
+    torch.testing.assert_close(seen["x"], data.x_train[val])  # held-out points, not training
+    result = run["heldout_calibration"]
+    assert result.method == "validation" and result.scale > 0 and run["heldout_s"] > 0
+    # the scored guide was trained without the held-out part; the final one with it, on the
+    # same batches as without the extra phase (the RNG state is restored)
+    assert not torch.allclose(seen["guide_mean"], run["guide"].loc)
+    torch.testing.assert_close(run["guide"].loc, plain["guide"].loc)
+
+
+def test_validation_calibration_in_compare_and_without_a_hold_out():
+    cfg = tiny(methods=("swag", "calibrated_swag"), calibration="validation")
+    rows = compare(small(), None, config=cfg, quiet=True)["methods"]
+    row = rows["calibrated_swag"]
+    assert row["status"] == "ok" and "pre-training hold-out" in row["note"]
+    assert row["wall_s"] > rows["swag"]["wall_s"]
+    none = tiny(methods=("calibrated_swag",), calibration="validation", pretrain_val_fraction=0)
+    row = compare(small(), None, config=none, quiet=True)["methods"]["calibrated_swag"]
+    assert row["status"] == "failed" and "pretrain_val_fraction=0" in row["note"]
