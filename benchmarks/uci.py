@@ -35,7 +35,7 @@ from pyro_swag.data import UCI_DATASETS, load_uci, uci_num_splits
 from pyro_swag.recipes import recipe_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uci_report import SETS, write_table  # noqa: E402  (benchmarks/ is not a package)
+from uci_report import LARGE, SETS, write_table  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / "results" / "uci_cache.json"
@@ -47,7 +47,6 @@ RECIPE_SUFFIX = {"a": "", "b": "_b", "c": "_c", "d": "_d", "e": "_e", "f": "_f",
 RECIPE_METHODS = {"swag", "swag_diag", "multiswag"}
 DEFAULT_METHODS = ["swag", "multiswag", "svi_normal", "svi_lowrank"]
 SMALL = {"boston", "concrete", "energy", "wine", "yacht"}  # NUTS only here
-LARGE = {"kin8nm", "naval", "power", "protein"}
 
 
 def config_for(name: str, args, data) -> CompareConfig:

@@ -39,8 +39,9 @@ def test_verdict_uses_the_newest_recipe_run_on_every_split():
     assert lines[-1] == "- SWAG ≥ MC dropout on 1 of 9 sets (target: ≥ 5)."
 
 
-def test_heteroscedastic_recipes_never_enter_the_verdict():
-    # F and G are another model: fixed before they ran, the targets keep E (and C)
+def test_heteroscedastic_recipes_alone_never_enter_the_verdict():
+    # F and G are another model: fixed before they ran, the targets keep E (and C);
+    # only recipe H's per-split choice between the two (next test) replaces them
     cache = _cache({
         ("yacht", "swag_e"): [-0.5] * 20,
         ("yacht", "swag_f"): [-0.1] * 20,
@@ -52,6 +53,36 @@ def test_heteroscedastic_recipes_never_enter_the_verdict():
     assert "0.200" in line and "≥ published SWAG -0.404" in line
     (line,) = report.paired(cache, "G", "F")
     assert "G − F = +0.300" in line
+
+
+def test_recipe_h_chooses_the_noise_model_per_split_on_held_out_data():
+    def row(test_ll, heldout, wall=10.0):
+        return {"status": "ok", "test_ll": test_ll, "wall_s": wall,
+                "swa_c_val_ll": {"0.03": heldout - 1.0, "0.1": heldout}}
+
+    cache = {
+        "yacht/0/swag_e": row(-0.5, 2.0), "yacht/0/swag_g": row(0.1, 2.5, wall=30.0),
+        "yacht/1/swag_e": row(-0.6, 2.0), "yacht/1/swag_g": row(-3.0, 2.0),  # tie: E
+        "yacht/2/swag_e": row(-0.7, 1.0),  # no G row: no H row
+        "naval/0/swag_c": row(7.0, 3.0), "naval/0/swag_g": row(7.4, 2.9),
+        "naval/0/swag_e": row(9.9, 9.9),  # E is not naval's homoscedastic recipe
+    }
+    out = report.with_heldout_choice(cache)
+    assert out["yacht/0/swag_h"]["test_ll"] == 0.1 and out["yacht/0/swag_h"]["chosen"] == "G"
+    assert out["yacht/0/swag_h"]["wall_s"] == 40.0
+    assert out["yacht/0/swag_h"]["heldout"] == {"E": 2.0, "G": 2.5}
+    assert out["yacht/1/swag_h"]["test_ll"] == -0.6 and out["yacht/1/swag_h"]["chosen"] == "E"
+    assert "yacht/2/swag_h" not in out
+    assert out["naval/0/swag_h"]["chosen"] == "C" and out["naval/0/swag_h"]["test_ll"] == 7.0
+    assert all(out[k] == v for k, v in cache.items())  # the cached rows are unchanged
+    full = report.with_heldout_choice({
+        **{f"yacht/{i}/swag_e": row(-0.5, 2.0) for i in range(20)},
+        **{f"yacht/{i}/swag_g": row(-0.2, 2.1) for i in range(20)},
+    })
+    yacht = next(line for line in report.verdict(full) if line.startswith("- yacht"))
+    assert "recipe H" in yacht and "-0.200" in yacht and "≥ published SWAG" in yacht
+    (line,) = report.h_choices(full)
+    assert "G chosen on 20 of 20 splits" in line and "+0.100" in line
 
 
 def test_paired_differences_match_by_split():
