@@ -58,9 +58,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="NUTS warm-up iterations (default 100)")
     cmp.add_argument("--nuts-samples", type=int, default=None, metavar="N",
                      help="NUTS draws kept (default 100); the report checks their R-hat/ESS")
+    cmp.add_argument("--nuts-depth", type=int, default=None, metavar="D",
+                     help="NUTS max tree depth (default 6; each level up to doubles the "
+                          "cost of an iteration)")
     cmp.add_argument("--calibration", choices=CALIBRATIONS, default=None,
-                     help="scale selection of calibrated SWAG (default elbo; see "
-                          "docs/calibration.md for classification)")
+                     help="scale selection of calibrated SWAG (default elbo; validation: "
+                          "on the 10%% that pre-training holds out; see docs/calibration.md "
+                          "for classification)")
     cmp.add_argument("--recipe", choices=RECIPES, default=None,
                      help="the settings of a UCI benchmark recipe (pyro_swag.recipes; "
                           "docs/results/uci.md), e.g. e; other options override them")
@@ -90,7 +94,7 @@ def _config(args, data=None):
     for key, attr in (("pretrain_steps", "pretrain_steps"), ("svi_steps", "svi_steps"),
                       ("nuts_budget", "nuts_budget_s"), ("num_samples", "num_samples"),
                       ("calibration", "calibration"), ("nuts_warmup", "nuts_warmup"),
-                      ("nuts_samples", "nuts_samples")):
+                      ("nuts_samples", "nuts_samples"), ("nuts_depth", "nuts_max_tree_depth")):
         if getattr(args, key) is not None:
             overrides[attr] = getattr(args, key)
     values = {**base.__dict__, **overrides}

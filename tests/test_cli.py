@@ -53,6 +53,8 @@ def test_calibration_and_nuts_flags_reach_the_config(capsys):
     assert _config(args).calibration == "psis"
     args = _parser().parse_args(["compare", "--nuts-warmup", "300", "--nuts-samples", "400"])
     assert (_config(args).nuts_warmup, _config(args).nuts_samples) == (300, 400)
+    args = _parser().parse_args(["compare", "--nuts-depth", "8"])
+    assert _config(args).nuts_max_tree_depth == 8
     with pytest.raises(ValueError, match="nuts_samples must be an int >= 1"):
         _config(_parser().parse_args(["compare", "--nuts-samples", "0"]))
     with pytest.raises(SystemExit):
