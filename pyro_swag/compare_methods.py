@@ -84,7 +84,26 @@ def _swag_run(ctx, need_swa: bool = True) -> dict:
 
 def _info(run: dict) -> dict:
     keys = ("tau_hat", "swa_lr", "swa_lr_uncapped", "curvature", "swa_retries", "snapshots")
-    return {k: run[k] for k in keys if run[k] is not None}
+    info = {k: run[k] for k in keys if run[k] is not None}
+    if run.get("swa_c_selection"):  # the choices made on the pre-training hold-out
+        info.update(swa_c=run["swa_c"], heldout_ll=max(run["swa_c_selection"].values()),
+                    pretrain_batch=run["pretrain_batch"],
+                    pretrain_checkpoint=run["pretrain_checkpoint"])
+    return info
+
+
+def _choices(run: dict, guide) -> str:
+    """The report's note on what the held-out part chose (empty when nothing was)."""
+    if not run.get("swa_c_selection"):
+        return ""
+    parts = [f"swa_c={run['swa_c']:g}"]
+    if run.get("pretrain_selection"):
+        parts.append(f"pre-training batch {run['pretrain_batch']} ({run['pretrain_checkpoint']} "
+                     "checkpoint)")
+    if guide.calibration is not None:
+        parts.append(f"scale={guide.scale:.3g}")
+    return (f"chosen on the pre-training hold-out: {', '.join(parts)} (held-out log-likelihood "
+            f"{max(run['swa_c_selection'].values()):.3f} per point, in the model's units)")
 
 
 def _map(ctx) -> MethodResult:
@@ -108,7 +127,8 @@ def _swag_like(ctx, name: str, diagonal: bool) -> MethodResult:
     guide = run["collector"].swag_guide(diagonal=True) if diagonal else run["guide"]
     draws = guide_draws(guide, ctx.data, ctx.config.num_samples)
     wall = run["pretrain_s"] + run["swa_s"] + time.perf_counter() - start
-    return MethodResult(name, draws=draws, guide=guide, wall_s=wall, extra=_info(run))
+    return MethodResult(name, draws=draws, guide=guide, wall_s=wall, extra=_info(run),
+                        note="" if diagonal else _choices(run, guide))
 
 
 def _multiswag(ctx) -> MethodResult:
