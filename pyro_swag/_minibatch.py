@@ -172,8 +172,21 @@ def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool) -> Non
     A per-point (tensor) scale is compared by its mean: reweightings such as
     :class:`~pyro_swag.models.BetaNLL` normalise their weights to mean 1 over the batch.
     """
+    batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None
     with torch.random.fork_rng(), torch.no_grad():
-        trace = poutine.trace(model).get_trace(*args, **kwargs)
+        try:
+            trace = poutine.trace(model).get_trace(*args, **kwargs)
+        except (RuntimeError, ValueError) as err:
+            if batch is None or batch >= num_data:
+                raise
+            kind = RuntimeError if isinstance(err, RuntimeError) else ValueError
+            raise kind(
+                f"{err}\nThe model failed on a minibatch of {batch} of num_data={num_data} "
+                "rows. fit slices every data tensor along its first axis, so plates of a fixed "
+                f"size (e.g. pyro.plate('data', {num_data})) no longer match: take the plate "
+                f"size from the data (or subsample it), or pass batch_size={num_data} (full "
+                "batch)"
+            ) from err
         _check_column_targets(trace, (*args, *kwargs.values()))
     observed = [
         (name, float(torch.as_tensor(site["scale"], dtype=torch.float64).mean()))
@@ -186,7 +199,6 @@ def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool) -> Non
             "tensor(s)): its likelihood would become a latent site of the guide. Pass the "
             "targets too, e.g. data=(x, y), in the order of the model's arguments"
         )
-    batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None
     if not check_scaling or batch is None or batch == num_data:
         return
     expected = num_data / batch

@@ -82,6 +82,17 @@ class SWAGCollector(AutoLaplaceApproximation):
 
     def _setup_prototype(self, *args, **kwargs) -> None:
         super()._setup_prototype(*args, **kwargs)
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            for frame in site["cond_indep_stack"]:
+                if frame.vectorized and frame.full_size not in (None, frame.size):
+                    self.prototype_trace = None  # not set up: a fixed model can try again
+                    raise ValueError(
+                        f"latent site {name!r} lies in plate {frame.name!r}, subsampled to "
+                        f"{frame.size} of {frame.full_size}: the SWAG posterior is one global "
+                        "vector and cannot hold local latents of a subsampled plate (it would "
+                        "mix whichever rows each batch holds). Pass the whole plate in every "
+                        "batch, or move the latent out of the subsampled plate"
+                    )
         self.loc = torch.nn.Parameter(self._init_loc())
 
     def _require_setup(self, what: str) -> None:

@@ -121,3 +121,19 @@ def test_auto_rate_counts_what_a_sampler_with_replacement_draws():
                         sampler=RandomSampler(ds, replacement=True, num_samples=200))
     guide, hist = fit(linreg, SWAGCollector(linreg, rank=3), loader, **{**KW, "swa_lr": "auto"})
     assert hist["swa_lr"] > 0 and guide is not None
+
+
+def test_a_model_with_a_fixed_plate_size_names_the_minibatch():
+    def fixed(x, y=None):  # a plate of the full size: a minibatch no longer fits it
+        w = pyro.sample("w", dist.Normal(x.new_zeros(3), 1.0).to_event(1))
+        with pyro.plate("data", 120):
+            pyro.sample("obs", dist.Normal(x @ w, 0.5), obs=y)
+
+    x, y = make_data()
+    collector = SWAGCollector(fixed, rank=2)
+    with pytest.raises(ValueError, match=r"(?s)plate\('data'\).*minibatch of 20 of "
+                                         r"num_data=120 rows.*batch_size=120 \(full batch\)"):
+        fit(fixed, collector, (x, y), batch_size=20, **KW)
+    assert collector.num_snapshots == 0
+    guide, _ = fit(fixed, SWAGCollector(fixed, rank=2), (x, y), batch_size=120, **KW)
+    assert guide is not None

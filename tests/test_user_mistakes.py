@@ -115,3 +115,22 @@ def test_fit_runs_in_an_unguarded_script_raises_instead_of_hanging(tmp_path):
                                                           "PATH": "/usr/bin:/bin"})
     assert proc.returncode != 0
     assert 'must guard its top level with `if __name__ == "__main__":`' in proc.stderr
+
+
+def test_local_latents_of_a_subsampled_plate_are_refused():
+    def schools(sigma, y=None, num_data=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        with pyro.plate("school", num_data or len(sigma), subsample=torch.arange(len(sigma))):
+            theta = pyro.sample("theta", dist.Normal(mu, 2.0))  # one latent per school
+            pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+
+    sigma, y = torch.full((8,), 10.0), torch.linspace(-5.0, 20.0, 8)
+    collector = SWAGCollector(schools, rank=2)
+    with pytest.raises(ValueError, match="'theta' lies in plate 'school', subsampled to 4 of 8"):
+        fit(schools, collector, (sigma, y), epochs=2, swa_start=0, swa_lr=1e-3, batch_size=4,
+            quiet=True)
+    assert collector.prototype_trace is None  # not half set up
+    # the whole plate in every batch: the same collector then works
+    guide, _ = fit(schools, collector, (sigma, y), epochs=6, swa_start=2, swa_lr=1e-3,
+                   batch_size=8, quiet=True)
+    assert guide.median()["theta"].shape == (8,)
