@@ -188,10 +188,12 @@ def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool) -> Non
                 "batch)"
             ) from err
         _check_column_targets(trace, (*args, *kwargs.values()))
-    observed = [
-        (name, float(torch.as_tensor(site["scale"], dtype=torch.float64).mean()))
+    observed = [  # pyro.deterministic sites are observed Deltas, not data
+        (name, float(torch.as_tensor(site["scale"], dtype=torch.float64).mean()),
+         site["infer"].get("is_auxiliary", False))
         for name, site in trace.nodes.items()
         if site["type"] == "sample" and site["is_observed"]
+        and not site["infer"].get("_deterministic")
     ]
     if not observed:
         raise ValueError(
@@ -202,8 +204,9 @@ def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool) -> Non
     if not check_scaling or batch is None or batch == num_data:
         return
     expected = num_data / batch
-    for name, scale in observed:
-        if abs(scale - expected) > 1e-4 * expected:
+    for name, scale, factor in observed:
+        if not factor and abs(scale - expected) > 1e-4 * expected:  # a pyro.factor may be a
+            # prior term outside the data plate: only sample statements are checked
             raise ValueError(
                 f"minibatch of {batch} of num_data={num_data} points, but the observed site "
                 f"{name!r} has likelihood scale {scale:g} (mean over the batch) instead of "

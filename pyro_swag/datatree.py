@@ -111,6 +111,7 @@ def to_datatree(
         If a plate of the model draws a random subsample (``subsample_size`` without
         ``subsample=``): pass ``subsample=torch.arange(N)`` for the export.
     """
+    kwargs = dict(kwargs or {})
     col = collect(source, args, kwargs, model, num_chains, num_draws, chunk_size)
     c, d, info, values = col.num_chains, col.num_draws, col.info, col.values
     pred, stats, obs_names = col.predicted, dict(col.stats), list(col.info["observed"])

@@ -152,8 +152,12 @@ def _per_example_grads(
     for site in model_tr.nodes.values():
         if site["type"] != "sample" or not site["is_observed"]:
             continue
+        if site["infer"].get("_deterministic"):
+            continue  # pyro.deterministic: an observed Delta, no data
         lp = site["fn"].log_prob(site["value"])
         if lp.dim() == 0 or lp.shape[0] != size:
+            if site["infer"].get("is_auxiliary"):
+                continue  # a pyro.factor outside the data plate: a prior term
             return None
         # per-point weights (e.g. BetaNLL's) relative to their mean: the callers apply the
         # plate's N / B factor, so a uniform scale gives weight 1

@@ -14,6 +14,7 @@ from test_fit_inputs import linreg  # w ~ N(0, I), obs ~ N(x w, 0.5)
 
 from pyro_swag import MultiSWAG, SWAGCollector
 from pyro_swag.datatree import loo, to_datatree
+from pyro_swag.lr import gradient_noise
 from pyro_swag.predictive import log_likelihood, predictive
 from pyro_swag.train import fit
 
@@ -134,3 +135,26 @@ def test_local_latents_of_a_subsampled_plate_are_refused():
     guide, _ = fit(schools, collector, (sigma, y), epochs=6, swa_start=2, swa_lr=1e-3,
                    batch_size=8, quiet=True)
     assert guide.median()["theta"].shape == (8,)
+
+
+def test_deterministic_and_factor_sites_are_not_taken_for_unscaled_data():
+    def model(x, y=None, num_data=None):
+        w = pyro.sample("w", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+        pyro.deterministic("w_norm", w.norm())  # outside the data plate, scale 1
+        pyro.factor("shrink", -0.1 * (w ** 2).sum())  # a prior term, outside the plate
+        with pyro.plate("data", num_data or x.shape[0], subsample=torch.arange(x.shape[0])):
+            pyro.sample("obs", dist.Normal(x @ w, 0.5), obs=y)
+
+    x, y = make_data()
+    guide, _ = fit(model, SWAGCollector(model, rank=2), (x, y), epochs=8, swa_start=2,
+                   swa_lr="auto", batch_size=10, quiet=True)
+    collector = SWAGCollector(model, rank=2)
+    collector(x, y, num_data=60)
+    batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, 60, 10)]
+    # per-example gradients exist (the Delta of pyro.deterministic is no observation)
+    assert gradient_noise(model, collector, batches, num_data=60).method == "per_example"
+    fit(model, SWAGCollector(model, rank=2), (x, y), epochs=6, swa_start=2, swa_lr="auto",
+        batch_size=10, precondition="diag", quiet=True)
+    dt = to_datatree(guide, (x, y), model=model, num_draws=40)  # kwargs left out
+    assert set(dt.log_likelihood.data_vars) == {"obs"}
+    assert "w_norm" in dt.posterior.data_vars and "x" in dt.constant_data.data_vars
