@@ -222,3 +222,18 @@ def test_report_says_what_the_held_out_part_chose():
     assert rows["swag_diag"]["note"] == ""  # the diagonal guide keeps scale 1
     plain = compare(small(), None, config=tiny(methods=("swag",)), quiet=True)["methods"]
     assert plain["swag"]["note"] == "" and "heldout_ll" not in plain["swag"]
+
+
+def test_validation_calibration_reuses_the_scale_grid_choice():
+    import pyro_swag.compare_swag as cs
+
+    data = small()
+    cfg = tiny(swa_c_grid=(0.03, 0.3), swa_scale_grid=(0.5, 2.0))
+    run = cs.train_swag(make_model(data), data, cfg, seed=0, quiet=True, heldout_scale=True)
+    assert run["heldout_s"] == 0.0  # no extra SWA phase: the grid's choice is the held-out one
+    assert run["heldout_calibration"].scale == run["guide"].scale
+    rows = compare(data, None, config=tiny(methods=("swag", "calibrated_swag"),
+                                           calibration="validation", swa_c_grid=(0.03, 0.3),
+                                           swa_scale_grid=(0.5, 2.0)), quiet=True)["methods"]
+    assert rows["calibrated_swag"]["scale"] == run["guide"].scale
+    assert rows["calibrated_swag"]["test_ll"] == rows["swag"]["test_ll"]  # the same guide
