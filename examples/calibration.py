@@ -89,16 +89,11 @@ def main() -> None:
     print("guide.calibration records:", sorted(guide.calibration))
 
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-        for ax, (method, res) in zip(axes, curves.items()):
-            ax.plot(res.scales, res.curve[res.criterion], "o-", ms=3)
-            ax.axvline(res.scale, color="k", ls="--", lw=1)
-            ax.set(xscale="log", xlabel="scale", ylabel=res.criterion, title=method)
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+        for ax, res in zip(axes, curves.values()):
+            res.plot(ax=ax)  # Calibration.plot: the curve, the chosen scale marked
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f"wrote {args.plot}")

@@ -105,6 +105,13 @@ class Calibration:
         """The criterion's value at the chosen scale."""
         return self.curve[self.criterion][self.scales.index(self.scale)]
 
+    def plot(self, ax=None, path=None):
+        """The curve against the scale, the choice marked (matplotlib axes; ``path``: also
+        save it as an image)."""
+        from ._plotting import calibration_curve
+
+        return calibration_curve(self, ax=ax, path=path)
+
 
 # ------------------------------------------------------------------ model evaluations
 def _pointwise_log_lik(model, guide, latents, *args, **kwargs) -> torch.Tensor:

@@ -7,16 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._plotting import pyplot as _plt
+
 __all__ = ["calibration_plot", "forest_plot", "predictive_plot"]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _grid(n: int):

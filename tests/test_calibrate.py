@@ -232,16 +232,35 @@ def test_errors():
         calibrate_validation(model, guide, x, num_samples=10)
 
 
-def test_example_smoke():
+def test_example_smoke(tmp_path):
+    png = tmp_path / "curves.png"
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "calibration.py"), "--smoke"],
+        [sys.executable, str(ROOT / "examples" / "calibration.py"), "--smoke", "--plot", str(png)],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "chosen scale" in out.stdout
+    assert "chosen scale" in out.stdout and png.stat().st_size > 10_000
+
+
+def test_calibration_plot_shows_the_curve_and_the_choice(tmp_path):
+    x, y = data()
+    mean, cov = posterior(x, y)
+    guide = gaussian_guide(x, y, mean, cov)
+    for method in ("elbo", "psis"):
+        res = calibrate(model, guide, x, y, method=method, num_samples=100,
+                        scales=[0.25, 0.5, 1.0, 2.0])
+        ax = res.plot(path=tmp_path / f"{method}.png")
+        curve = ax.lines[0]
+        assert list(curve.get_xdata()) == res.scales
+        assert list(curve.get_ydata()) == res.curve[res.criterion]
+        assert any(list(line.get_xdata()) == [res.scale, res.scale] for line in ax.lines)
+        assert ax.get_xscale() == "log" and (tmp_path / f"{method}.png").stat().st_size > 5000
+        if method == "psis":  # k-hat on a second axis, with its threshold
+            twin = [a for a in ax.figure.axes if a is not ax][0]
+            assert list(twin.lines[0].get_ydata()) == res.curve["khat"]
 
 
 def test_psis_needs_enough_draws_for_the_pareto_tail():
