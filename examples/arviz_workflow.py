@@ -2,7 +2,7 @@
 
 Writes ``forest.png`` (all three methods), ``ppc.png`` and ``loo_pit.png`` (SWAG),
 ``energy.png`` (NUTS) and the SWAG DataTree ``swag.nc`` into ``--out``, and prints naive vs
-corrected PSIS-LOO and NUTS's own checks.
+corrected PSIS-LOO, NUTS's own checks and SWAG's posterior summary raw and p/q-weighted.
 
     python examples/arviz_workflow.py --out /tmp/arviz            # N=200, 1000 draws
     python examples/arviz_workflow.py --smoke --out /tmp/arviz    # tiny, < 20 s
@@ -35,6 +35,7 @@ from pyro_swag.datatree import (  # noqa: E402
     plot_loo_pit,
     plot_ppc,
     psis_diagnostic,
+    summary,
     to_datatree,
 )
 from pyro_swag.train import fit  # noqa: E402
@@ -124,6 +125,16 @@ def main() -> None:
         health = mcmc_health(dts["NUTS"])
     print("NUTS checks: " + ", ".join(
         f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in health.items()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # k-hat is printed with the table
+        tables = {"SWAG raw": summary(dts["SWAG"], corrected=False, var_names=["b", "sigma"]),
+                  "SWAG p/q-weighted": summary(dts["SWAG"], var_names=["b", "sigma"]),
+                  "NUTS": summary(dts["NUTS"], var_names=["b", "sigma"])}
+    khat = tables["SWAG p/q-weighted"].attrs["khat"]
+    print(f"posterior mean (sd) of b and sigma (SWAG guide k-hat {khat:.2f}):")
+    for name, table in tables.items():
+        print(f"  {name:<18} " + ", ".join(f"{i} {r['mean']:.3f} ({r['sd']:.3f})"
+                                            for i, r in table.iterrows()))
     dts["SWAG"].to_netcdf(args.out / "swag.nc", engine="h5netcdf")
     print(f"wrote forest.png, ppc.png, loo_pit.png, energy.png, swag.nc to {args.out}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -29,7 +30,8 @@ from .autoguide import SWAGCollector
 from .multiswag import MultiSWAG
 from .predictive import log_joint, log_likelihood, predictive, sample_latents, unpack_latents
 
-__all__ = ["Collected", "RecordingNUTS", "collect", "constant_data_of", "site_dims"]
+__all__ = ["Collected", "RecordingNUTS", "collect", "constant_data_of", "scale_attrs",
+           "site_dims"]
 
 
 class RecordingNUTS(NUTS):
@@ -371,3 +373,15 @@ def collect(
         c, d, info, values, pred, loglik, log_p, log_q, stats,
         type(source.kernel if is_mcmc else source).__name__, model,
     )
+
+
+def scale_attrs(source: Any) -> dict[str, Any]:
+    """SWAG's covariance scale and, when calibrated, how it was chosen (flat, netCDF-safe)."""
+    if not hasattr(source, "scale") or not hasattr(source, "calibration"):
+        return {}
+    attrs = {"swag_scale": float(source.scale)}
+    record = source.calibration
+    if record:
+        attrs["calibration_method"] = str(record.get("method"))
+        attrs["calibration"] = json.dumps(record, default=float)
+    return attrs

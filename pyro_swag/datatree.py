@@ -20,12 +20,11 @@ and :func:`loo` uses ``arviz_stats.loo_approximate_posterior``, whose importance
 for leaving out point :math:`i` are :math:`p(\theta)\,/\,(q(\theta)\,p(y_i \mid \theta))`.
 :func:`psis_diagnostic` smooths :math:`\log p - \log q` as a whole: its Pareto
 :math:`\hat k` says whether :math:`q` can stand in for the posterior at all
-(:math:`\hat k < 0.7`).
+(:math:`\hat k < 0.7`); :func:`summary` weights the draws by these smoothed ratios.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -40,24 +39,13 @@ import xarray as xr
 from arviz_stats.base import array_stats
 from scipy.special import logsumexp
 
-from ._sources import RecordingNUTS, collect, constant_data_of, site_dims
+from ._sources import RecordingNUTS, collect, constant_data_of, scale_attrs, site_dims
+from ._weighted import weighted_table
 
 __all__ = [
     "RecordingNUTS", "compare", "loo", "loo_pit", "mcmc_health", "plot_energy", "plot_forest",
-    "plot_loo_pit", "plot_ppc", "plot_trace", "psis_diagnostic", "to_datatree",
+    "plot_loo_pit", "plot_ppc", "plot_trace", "psis_diagnostic", "summary", "to_datatree",
 ]
-
-
-def _scale_attrs(source: Any) -> dict[str, Any]:
-    """SWAG's covariance scale and, when calibrated, how it was chosen (flat, netCDF-safe)."""
-    if not hasattr(source, "scale") or not hasattr(source, "calibration"):
-        return {}
-    attrs = {"swag_scale": float(source.scale)}
-    record = source.calibration
-    if record:
-        attrs["calibration_method"] = str(record.get("method"))
-        attrs["calibration"] = json.dumps(record, default=float)
-    return attrs
 
 
 def to_datatree(
@@ -156,7 +144,7 @@ def to_datatree(
         "sample_stats": stats,
     }
     attrs = {"/": {"inference_library": "pyro", "inference_library_version": pyro.__version__,
-                   "method": col.method} | _scale_attrs(source)}
+                   "method": col.method} | scale_attrs(source)}
     return arviz_base.from_dict(data, dims=var_dims, coords=dict(coords or {}), attrs=attrs)
 
 
@@ -190,14 +178,19 @@ def psis_diagnostic(log_p, log_q) -> tuple[float, float]:
             f"log_p {lp.shape} and log_q {lq.shape} must have the same shape with at least "
             "10 draws; pass both densities evaluated at the same draws"
         )
+    w, khat = _psis_weights(lp, lq)
+    return khat, float(1.0 / np.sum(w**2))
+
+
+def _psis_weights(lp: np.ndarray, lq: np.ndarray) -> tuple[np.ndarray, float]:
+    """Normalised Pareto-smoothed weights of the ratios p/q (flattened) and their k-hat."""
     lw = (lp - lq).ravel()
     if not np.isfinite(lw).all():
         raise ValueError("log_p - log_q has NaN/Inf entries; check the densities")
     if np.ptp(lw) <= 1e-9 * max(1.0, float(np.abs(lw).max())):
-        return float("-inf"), float(lw.size)  # q = p up to a constant: bounded, equal weights
+        return np.full(lw.size, 1.0 / lw.size), float("-inf")  # q = p up to a constant
     smoothed, khat = array_stats.psislw(-lw)  # arviz smooths the ratios of the negated input
-    w = np.exp(smoothed - logsumexp(smoothed))
-    return float(khat), float(1.0 / np.sum(w**2))
+    return np.exp(smoothed - logsumexp(smoothed)), float(khat)
 
 
 def mcmc_health(dt: xr.DataTree) -> dict[str, float | int]:
@@ -288,16 +281,7 @@ def loo(dt: xr.DataTree, corrected: bool | None = None, pointwise: bool = True,
     dt = _float64(dt)
     if _corrected(dt, corrected):  # weights p / (q p(y_i | theta)) vary even where ll does not
         ss = dt["sample_stats"]
-        khat, ess = psis_diagnostic(ss["log_p"], ss["log_q"])
-        if khat > 0.7:
-            warnings.warn(
-                f"the guide's Pareto k-hat is {khat:.2f} > 0.7 (ESS {ess:.0f} of "
-                f"{ss['log_p'].size} draws): its p/q weights are unreliable, and so is this "
-                "corrected LOO; widen or calibrate the guide (pyro_swag.calibrate), or compare "
-                "methods on held-out data",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        _warn_khat(ss, "corrected LOO")
         return arviz_stats.loo_approximate_posterior(
             dt, ss["log_p"], ss["log_q"], pointwise=pointwise, var_name=var_name
         )
@@ -311,6 +295,42 @@ def loo(dt: xr.DataTree, corrected: bool | None = None, pointwise: bool = True,
                 "them; export without those points"
             )
     return arviz_stats.loo(dt, pointwise=pointwise, var_name=var_name)
+
+
+def _warn_khat(ss, what: str) -> tuple[float, float]:
+    """The guide's PSIS ``(khat, ess)``, warning when k-hat > 0.7."""
+    khat, ess = psis_diagnostic(ss["log_p"], ss["log_q"])
+    if khat > 0.7:
+        warnings.warn(
+            f"the guide's Pareto k-hat is {khat:.2f} > 0.7 (ESS {ess:.0f} of "
+            f"{ss['log_p'].size} draws): its p/q weights are unreliable, and so is this "
+            f"{what}; widen or calibrate the guide (pyro_swag.calibrate), or compare "
+            "methods on held-out data",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return khat, ess
+
+
+def summary(dt: xr.DataTree, corrected: bool | None = None, var_names=None,
+            ci_prob: float = 0.9, round_to: int | None = None):
+    """Posterior summary table (pandas). For a guide's export (``corrected=None`` with
+    ``log_p``/``log_q``) the draws are weighted by their Pareto-smoothed ratios p/q, so the
+    mean, sd and ``ci_prob`` interval are the posterior's, not the guide's (reliable while
+    the guide's k-hat <= 0.7; ``attrs`` holds ``khat`` and ``ess``); ``corrected=False``
+    (and MCMC) is ``arviz_stats.summary`` of the draws as they are. Unrounded by default."""
+    if not _corrected(dt, corrected):
+        return arviz_stats.summary(dt, var_names=var_names, ci_prob=ci_prob,
+                                   round_to="none" if round_to is None else round_to)
+    ss = dt["sample_stats"]
+    khat, ess = _warn_khat(ss, "corrected summary")
+    w, _ = _psis_weights(_np(ss["log_p"]), _np(ss["log_q"]))
+    post = dt["posterior"]
+    names = [var_names] if isinstance(var_names, str) else list(var_names or post.data_vars)
+    values = {k: post[k].values.reshape(-1, *post[k].shape[2:]) for k in names}
+    table = weighted_table(values, w, ci_prob)
+    table.attrs.update(khat=khat, ess=ess)
+    return table if round_to is None else table.round(round_to)
 
 
 def compare(dts: Mapping[str, xr.DataTree], corrected: bool | None = None, **kwargs):
