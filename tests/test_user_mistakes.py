@@ -132,8 +132,9 @@ def test_local_latents_of_a_subsampled_plate_are_refused():
             quiet=True)
     assert collector.prototype_trace is None  # not half set up
     # the whole plate in every batch: the same collector then works
-    guide, _ = fit(schools, collector, (sigma, y), epochs=6, swa_start=2, swa_lr=1e-3,
-                   batch_size=8, quiet=True)
+    with pytest.warns(UserWarning, match="full-batch SGD"):
+        guide, _ = fit(schools, collector, (sigma, y), epochs=6, swa_start=2, swa_lr=1e-3,
+                       batch_size=8, quiet=True)
     assert guide.median()["theta"].shape == (8,)
 
 
