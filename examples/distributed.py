@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 
 import torch
 import torch.distributed as dist
@@ -94,11 +95,11 @@ def main() -> None:
             swag.collect()
         if args.checkpoint:
             swag.save(args.checkpoint)
-    print(
+    sys.stdout.write(  # one write per line: the processes share the terminal
         f"rank {rank} (run {runs.run}): moments of entries {swag.bounds} of "
-        f"P={collector.loc.numel()}: {swag.memory_bytes() / 1024:.1f} KiB, last loss {loss:.1f}",
-        flush=True,
+        f"P={collector.loc.numel()}: {swag.memory_bytes() / 1024:.1f} KiB, last loss {loss:.1f}\n"
     )
+    sys.stdout.flush()
 
     guides = gather_runs(swag, runs)
     if guides is not None:
