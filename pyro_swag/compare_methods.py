@@ -101,7 +101,11 @@ def _choices(run: dict, guide) -> str:
         parts.append(f"pre-training batch {run['pretrain_batch']} ({run['pretrain_checkpoint']} "
                      "checkpoint)")
     if guide.calibration is not None:
-        parts.append(f"scale={guide.scale:.3g}")
+        grid = guide.calibration["scales"]
+        end = guide.scale in (grid[0], grid[-1]) and len(grid) > 1
+        parts.append(f"scale={guide.scale:.3g}" + (" (an end of swa_scale_grid: the "
+                                                    "held-out curve may go on rising)"
+                                                    if end else ""))
     return (f"chosen on the pre-training hold-out: {', '.join(parts)} (held-out log-likelihood "
             f"{max(run['swa_c_selection'].values()):.3f} per point, in the model's units)")
 

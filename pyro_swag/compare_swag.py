@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import pyro
 import pyro.optim
@@ -294,8 +295,10 @@ def _val_scales(model, guide, xv, yv, config):
     holding the best; the guide is left unchanged."""
     from .calibrate import calibrate_validation
 
-    return calibrate_validation(model, guide, xv, yv, scales=list(config.swa_scale_grid),
-                                num_samples=config.num_samples, refine=False, apply=False)
+    with warnings.catch_warnings():  # a choice at the grid's end is said in the report note
+        warnings.filterwarnings("ignore", message="the best scale", category=UserWarning)
+        return calibrate_validation(model, guide, xv, yv, scales=list(config.swa_scale_grid),
+                                    num_samples=config.num_samples, refine=False, apply=False)
 
 
 def _swa_phase(model, collector, x, y, lr, config, map_loc, quiet, desc):
