@@ -172,18 +172,18 @@ def psis_diagnostic(log_p, log_q) -> tuple[float, float]:
         ``(khat, ess)``; :math:`\hat k < 0.7` means the guide is a usable proposal
         (``-inf`` when all ratios are equal, i.e. :math:`q \propto p` at the draws).
     """
+    w, khat = _psis_weights(log_p, log_q)
+    return khat, float(1.0 / np.sum(w**2))
+
+
+def _psis_weights(log_p, log_q) -> tuple[np.ndarray, float]:
+    """Normalised Pareto-smoothed weights of the ratios p/q (flattened) and their k-hat."""
     lp, lq = _np(log_p), _np(log_q)
     if lp.shape != lq.shape or lp.size < 10:
         raise ValueError(
             f"log_p {lp.shape} and log_q {lq.shape} must have the same shape with at least "
             "10 draws; pass both densities evaluated at the same draws"
         )
-    w, khat = _psis_weights(lp, lq)
-    return khat, float(1.0 / np.sum(w**2))
-
-
-def _psis_weights(lp: np.ndarray, lq: np.ndarray) -> tuple[np.ndarray, float]:
-    """Normalised Pareto-smoothed weights of the ratios p/q (flattened) and their k-hat."""
     lw = (lp - lq).ravel()
     if not np.isfinite(lw).all():
         raise ValueError("log_p - log_q has NaN/Inf entries; check the densities")
@@ -281,7 +281,7 @@ def loo(dt: xr.DataTree, corrected: bool | None = None, pointwise: bool = True,
     dt = _float64(dt)
     if _corrected(dt, corrected):  # weights p / (q p(y_i | theta)) vary even where ll does not
         ss = dt["sample_stats"]
-        _warn_khat(ss, "corrected LOO")
+        _warn_khat(*psis_diagnostic(ss["log_p"], ss["log_q"]), ss["log_p"].size, "corrected LOO")
         return arviz_stats.loo_approximate_posterior(
             dt, ss["log_p"], ss["log_q"], pointwise=pointwise, var_name=var_name
         )
@@ -297,19 +297,17 @@ def loo(dt: xr.DataTree, corrected: bool | None = None, pointwise: bool = True,
     return arviz_stats.loo(dt, pointwise=pointwise, var_name=var_name)
 
 
-def _warn_khat(ss, what: str) -> tuple[float, float]:
-    """The guide's PSIS ``(khat, ess)``, warning when k-hat > 0.7."""
-    khat, ess = psis_diagnostic(ss["log_p"], ss["log_q"])
+def _warn_khat(khat: float, ess: float, draws: int, what: str) -> None:
+    """Warn when the guide's PSIS k-hat is above 0.7."""
     if khat > 0.7:
         warnings.warn(
             f"the guide's Pareto k-hat is {khat:.2f} > 0.7 (ESS {ess:.0f} of "
-            f"{ss['log_p'].size} draws): its p/q weights are unreliable, and so is this "
+            f"{draws} draws): its p/q weights are unreliable, and so is this "
             f"{what}; widen or calibrate the guide (pyro_swag.calibrate), or compare "
             "methods on held-out data",
             RuntimeWarning,
             stacklevel=3,
         )
-    return khat, ess
 
 
 def summary(dt: xr.DataTree, corrected: bool | None = None, var_names=None,
@@ -323,8 +321,9 @@ def summary(dt: xr.DataTree, corrected: bool | None = None, var_names=None,
         return arviz_stats.summary(dt, var_names=var_names, ci_prob=ci_prob,
                                    round_to="none" if round_to is None else round_to)
     ss = dt["sample_stats"]
-    khat, ess = _warn_khat(ss, "corrected summary")
-    w, _ = _psis_weights(_np(ss["log_p"]), _np(ss["log_q"]))
+    w, khat = _psis_weights(ss["log_p"], ss["log_q"])
+    ess = float(1.0 / np.sum(w**2))
+    _warn_khat(khat, ess, w.size, "corrected summary")
     post = dt["posterior"]
     names = [var_names] if isinstance(var_names, str) else list(var_names or post.data_vars)
     values = {k: post[k].values.reshape(-1, *post[k].shape[2:]) for k in names}
