@@ -86,7 +86,7 @@ def _info(run: dict) -> dict:
     keys = ("tau_hat", "swa_lr", "swa_lr_uncapped", "curvature", "swa_retries", "snapshots")
     info = {k: run[k] for k in keys if run[k] is not None}
     if run.get("swa_c_selection"):  # the choices made on the pre-training hold-out
-        info.update(swa_c=run["swa_c"], heldout_ll=max(run["swa_c_selection"].values()),
+        info.update(swa_c=run["swa_c"], heldout_ll=run["heldout_ll"],
                     pretrain_batch=run["pretrain_batch"],
                     pretrain_checkpoint=run["pretrain_checkpoint"])
     return info
@@ -107,7 +107,7 @@ def _choices(run: dict, guide) -> str:
                                                     "held-out curve may go on rising)"
                                                     if end else ""))
     return (f"chosen on the pre-training hold-out: {', '.join(parts)} (held-out log-likelihood "
-            f"{max(run['swa_c_selection'].values()):.3f} per point, in the model's units)")
+            f"{run['heldout_ll']:.3f} per point, in the model's units)")
 
 
 def _map(ctx) -> MethodResult:

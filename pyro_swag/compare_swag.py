@@ -117,7 +117,8 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag",
 
     Returns a dict with the collector, the SWAG guide (at the held-out scale, if one was
     chosen: ``guide.calibration``), the MAP values, ``tau_hat``, the SWA learning rate, the
-    held-out selections made and the wall times of both phases. With ``heldout_scale``,
+    held-out selections made (``"heldout_ll"``: the winner's score) and the wall times of
+    both phases. With ``heldout_scale``,
     ``"heldout_calibration"`` holds a scale chosen on the pre-training hold-out: the SWA
     phase at the chosen rate on the pre-training part, scored by
     :func:`~pyro_swag.calibrate.calibrate_validation` on the held-out part (reused from
@@ -200,6 +201,7 @@ def train_swag(model, data, config, seed: int, quiet: bool, desc: str = "swag",
         "pretrain_checkpoint": best["checkpoint"],
         "pretrain_selection": pre_selection if len(pre_selection) > 1 else None,
         "heldout_calibration": heldout, "heldout_s": heldout_s,
+        "heldout_ll": best["score"] if best["selection"] else None,
     }
 
 
