@@ -170,7 +170,9 @@ def psis_diagnostic(log_p, log_q) -> tuple[float, float]:
     -------
     (float, float)
         ``(khat, ess)``; :math:`\hat k < 0.7` means the guide is a usable proposal
-        (``-inf`` when all ratios are equal, i.e. :math:`q \propto p` at the draws).
+        (``-inf`` when all ratios are equal, i.e. :math:`q \propto p` at the draws; ``inf``
+        when they span so many nats that the tail underflows and the Pareto fit breaks down,
+        the ESS then that of the raw ratios, about 1).
     """
     w, khat = _psis_weights(log_p, log_q)
     return khat, float(1.0 / np.sum(w**2))
@@ -189,7 +191,14 @@ def _psis_weights(log_p, log_q) -> tuple[np.ndarray, float]:
         raise ValueError("log_p - log_q has NaN/Inf entries; check the densities")
     if np.ptp(lw) <= 1e-9 * max(1.0, float(np.abs(lw).max())):
         return np.full(lw.size, 1.0 / lw.size), float("-inf")  # q = p up to a constant
-    smoothed, khat = array_stats.psislw(-lw)  # arviz smooths the ratios of the negated input
+    with np.errstate(divide="ignore", invalid="ignore"):
+        smoothed, khat = array_stats.psislw(-lw)  # arviz smooths the negated input's ratios
+    if not (np.isfinite(smoothed).all() and np.isfinite(khat)):
+        # The tail, relative to the largest ratio, underflows (the ratios span hundreds of
+        # nats): the Pareto fit breaks down (NaN weights beside a finite, meaningless k-hat).
+        # The largest draws carry all the weight, which no tail shape could correct.
+        w = np.exp(lw - lw.max())
+        return w / w.sum(), float("inf")
     return np.exp(smoothed - logsumexp(smoothed)), float(khat)
 
 

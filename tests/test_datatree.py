@@ -220,6 +220,17 @@ def test_psis_diagnostic_oracles():
         psis_diagnostic(np.zeros(20), np.zeros(21))
 
 
+def test_psis_diagnostic_when_the_ratios_span_thousands_of_nats():
+    # a guide far wider than a sharp posterior: log p - log q spread over ~1e4 nats, so
+    # the tail underflows against the largest ratio and the Pareto fit returns NaN
+    # weights with a finite k-hat (about 0.17) unless caught
+    lw = -np.abs(np.random.default_rng(1).normal(size=200)) * 3e4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no NumPy warnings from the failed fit
+        khat, ess = psis_diagnostic(lw, np.zeros(200))
+    assert khat == np.inf and ess == pytest.approx(1.0, abs=1e-6)
+
+
 def test_netcdf_round_trip_with_dotted_names(tmp_path):
     x = torch.randn(24, 2)
     y = torch.sin(x[:, 0]) + 0.1 * torch.randn(24)

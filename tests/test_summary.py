@@ -51,3 +51,17 @@ def test_summary_warns_when_the_guide_is_a_poor_proposal():
         warnings.simplefilter("error")  # the plain summary does not weight, nor warn
         plain = summary(export(guide, x, y, 400), corrected=False, var_names="w", ci_prob=0.8)
     assert {"mean", "sd", "eti80_lb", "ess_bulk"} <= set(plain.columns)
+
+
+def test_summary_of_a_far_too_wide_guide_is_finite_and_warns():
+    # at 300x the posterior's width log p - log q spans thousands of nats: the Pareto fit
+    # breaks down, which must read as k-hat = inf (a warning), not as NaN numbers
+    x, y = data()
+    mean, cov = posterior(x, y)
+    guide = gaussian_guide(x, y, mean, cov)
+    guide.scale = 300.0**2
+    torch.manual_seed(0)
+    with pytest.warns(RuntimeWarning, match="k-hat"):
+        table = summary(export(guide, x, y, 200))
+    assert table.attrs["khat"] == math.inf and table.attrs["ess"] < 1.5
+    assert table.notna().all().all()
