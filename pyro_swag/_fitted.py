@@ -10,7 +10,31 @@ import torch
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.guides import prototype_hide_fn
 
-__all__ = ["FittedContinuous"]
+__all__ = ["FittedContinuous", "KeepsModelWhenPickled", "model_of"]
+
+
+class KeepsModelWhenPickled:
+    """Pickling (``torch.save(guide)``) leaves the live guide attached to its model.
+
+    Pyro's ``AutoGuide.__getstate__`` drops the model (and the parent guide) from the pickled
+    state by setting them to ``None`` on the guide itself, so the guide that was saved can no
+    longer find its model. The pickled state still holds no model; the live guide keeps it.
+    """
+
+    def __getstate__(self):
+        model, master = self._model, self.master
+        state = dict(super().__getstate__())
+        self._model, self.master = model, master
+        return state
+
+
+def model_of(guide) -> object | None:
+    """The model an autoguide was built on, or None (a guide loaded from a pickle has none:
+    Pyro does not pickle the model)."""
+    try:
+        return getattr(guide, "model", None)
+    except TypeError:  # AutoGuide.model of an unpickled guide: self._model is None
+        return None
 
 def _layout(guide: AutoContinuous) -> list[tuple[str, tuple[int, ...]]]:
     """Site names and unconstrained shapes, in the order they are packed."""
@@ -34,7 +58,7 @@ def _check_layout(expected: list, found: list, what: str) -> None:
         )
 
 
-class FittedContinuous(AutoContinuous):
+class FittedContinuous(KeepsModelWhenPickled, AutoContinuous):
     """Base of guides fitted elsewhere whose latent layout is known (``self.layout``).
 
     Sites outside the layout are not the guide's: the model's observed sites called with

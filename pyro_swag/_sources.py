@@ -26,6 +26,7 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch.distributions import biject_to
 
 from ._checks import is_int
+from ._fitted import model_of
 from .autoguide import SWAGCollector
 from .multiswag import MultiSWAG
 from .predictive import log_joint, log_likelihood, predictive, sample_latents, unpack_latents
@@ -157,7 +158,7 @@ def site_dims(name: str, site: dict) -> list[str]:
 
 def _guide_model(guide) -> Callable | None:
     """The model an autoguide was built on, without the guide's ``InitMessenger`` wrappers."""
-    model = getattr(guide, "model", None)
+    model = model_of(guide)
     while (isinstance(model, functools.partial) and len(model.args) == 2
            and isinstance(model.args[0], InitMessenger)):
         model = model.args[1]
@@ -334,7 +335,8 @@ def collect(
         model = source.kernel.model if is_mcmc else _guide_model(source)
     if not callable(model):
         raise TypeError(
-            f"could not find the model of source={type(source).__name__}; pass model=..."
+            f"could not find the model of source={type(source).__name__} (a guide loaded with "
+            "torch.load has none: Pyro does not pickle a guide's model); pass model=..."
         )
     info = _site_info(model, args, kwargs)
     stats: dict[str, np.ndarray] = {}

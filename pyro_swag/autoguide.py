@@ -31,13 +31,19 @@ from pyro.infer.autoguide import AutoLaplaceApproximation
 from pyro.infer.autoguide.initialization import init_to_median
 
 from ._checks import is_positive_finite
-from ._fitted import FittedContinuous, _adopt_prototype, _check_layout, _layout
+from ._fitted import (
+    FittedContinuous,
+    KeepsModelWhenPickled,
+    _adopt_prototype,
+    _check_layout,
+    _layout,
+)
 from .moments import SWAGMoments
 
 __all__ = ["FittedContinuous", "SWAGCollector", "SWAGGuide"]
 
 
-class SWAGCollector(AutoLaplaceApproximation):
+class SWAGCollector(KeepsModelWhenPickled, AutoLaplaceApproximation):
     """A point-mass guide that SGD moves and that records SWAG moments of its path.
 
     ``SVI(model, collector, optim, Trace_ELBO())`` is MAP/SGD on the unconstrained latent

@@ -31,6 +31,7 @@ import torch
 from pyro.distributions.transforms import biject_to
 from tqdm.auto import tqdm
 
+from ._fitted import model_of
 from .autoguide import FittedContinuous, SWAGGuide
 
 __all__ = ["MultiSWAG", "fit_runs"]
@@ -101,7 +102,13 @@ class MultiSWAG(FittedContinuous):
                     "(from SWAGCollector.swag_guide() or SWAGGuide.from_state_dict())"
                 )
         first = guides[0]
-        super().__init__(model if model is not None else first.model)
+        model = model if model is not None else model_of(first)
+        if model is None:
+            raise TypeError(
+                "guides[0] has no model (a guide loaded with torch.load: Pyro does not pickle "
+                "a guide's model); pass MultiSWAG(guides, model=model)"
+            )
+        super().__init__(model)
         size = first.loc.numel()
         layout = next((g.layout for g in guides if g.layout), None)
         ref = next((i for i, g in enumerate(guides) if g.layout), 0)

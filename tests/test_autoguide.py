@@ -12,7 +12,8 @@ from pyro.distributions.transforms import biject_to
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal
 
-from pyro_swag import SWAGCollector, SWAGGuide
+from pyro_swag import MultiSWAG, SWAGCollector, SWAGGuide
+from pyro_swag.datatree import to_datatree
 
 
 def mixed_model(x, y=None):
@@ -171,6 +172,28 @@ def test_guide_save_load_identical_posterior(tmp_path):
     s2 = Predictive(mixed_model, guide=loaded, num_samples=5)(x)
     for k in s1:
         assert torch.equal(s1[k], s2[k])
+
+
+def test_pickling_a_guide_leaves_it_working(tmp_path):
+    # Pyro's AutoGuide.__getstate__ sets the live guide's model to None; ours keep it
+    torch.manual_seed(0)
+    collector = _collector_with([torch.randn(5) for _ in range(9)])
+    guide = collector.swag_guide()
+    x, y = _data()
+    torch.save(guide, tmp_path / "g.pkl")
+    torch.save(collector, tmp_path / "c.pkl")
+    assert callable(guide.model) and callable(collector.model)  # (TypeError before)
+    dt = to_datatree(guide, (x, y), num_draws=10)  # needs guide.model
+    assert dt["posterior"].sizes["draw"] == 10
+    loaded = torch.load(tmp_path / "g.pkl", weights_only=False)
+    assert torch.equal(loaded.loc, guide.loc)
+    with pytest.raises(TypeError, match="torch.load has none.*pass model="):
+        to_datatree(loaded, (x, y), num_draws=10)
+    assert to_datatree(loaded, (x, y), model=mixed_model, num_draws=10)["posterior"].sizes[
+        "draw"] == 10
+    with pytest.raises(TypeError, match=r"MultiSWAG\(guides, model=model\)"):
+        MultiSWAG([loaded])
+    assert callable(MultiSWAG([loaded], model=mixed_model).model)
 
 
 RESUME_SCRIPT = textwrap.dedent(
