@@ -43,7 +43,7 @@ import pyro
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Predictive
-from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import LowRankMultivariateNormal, biject_to
 
@@ -207,6 +207,12 @@ def predictive(
     dict
         ``{site: tensor (S, *site_shape)}``.
     """
+    if isinstance(model, AutoGuide):
+        raise TypeError(
+            f"predictive takes the model first, then the guide; got a {type(model).__name__} "
+            "as the model: call predictive(guide.model, guide, x) (its model's arguments after "
+            "the guide)"
+        )
     if (guide is None) == (posterior_samples is None):
         raise ValueError("give exactly one of guide=... or posterior_samples=...")
     if guide is not None and not callable(guide):

@@ -86,6 +86,8 @@ def test_guides_given_the_wrong_way_are_refused():
         MultiSWAG(guide)
     with pytest.raises(TypeError, match=r"guide must be a callable Pyro guide, got a Tensor"):
         predictive(linreg, x, num_samples=3)
+    with pytest.raises(TypeError, match=r"model first.*SWAGGuide.*predictive\(guide.model, guide"):
+        predictive(guide, num_samples=3, x=x)
 
 
 def test_corrected_loo_warns_when_the_guide_is_a_poor_proposal():
