@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from pyro import poutine
@@ -119,8 +119,14 @@ def _as_args(batch) -> tuple:
         return (batch,)
     if isinstance(batch, (tuple, list)):
         return tuple(batch)
+    hint = ""
+    if isinstance(batch, Mapping):
+        hint = (f" with keys {list(batch)}: batches are passed as model(*batch, num_data=N), "
+                "so yield tuples in the model's argument order, e.g. DataLoader(..., "
+                "collate_fn=lambda items: tuple(default_collate(items).values())) with "
+                "torch.utils.data.default_collate")
     raise TypeError(
-        f"a batch must be a tensor or a tuple/list of tensors, got {type(batch).__name__}"
+        f"a batch must be a tensor or a tuple/list of tensors, got {type(batch).__name__}{hint}"
     )
 
 

@@ -5,7 +5,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from pyro_swag import SWAGCollector
 from pyro_swag.train import fit
@@ -66,6 +66,19 @@ def test_auto_rate_on_a_loader_with_one_full_batch_is_refused_before_training():
     with pytest.raises(ValueError, match="at least 2 full batches, but 120 rows an epoch give 1"):
         fit(linreg, collector, one, **{**KW, "swa_lr": "auto"})
     assert collector.prototype_trace is None  # nothing ran
+
+
+def test_a_loader_of_dict_batches_gets_the_fix_and_the_fix_works():
+    x, y = make_data()
+    rows = [{"x": xi, "y": yi} for xi, yi in zip(x, y)]
+    collector = SWAGCollector(linreg, rank=3)
+    with pytest.raises(TypeError, match=r"got dict with keys \['x', 'y'\].*collate_fn="):
+        fit(linreg, collector, DataLoader(rows, batch_size=20), **KW)
+    assert collector.prototype_trace is None
+    tuples = DataLoader(rows, batch_size=20,
+                        collate_fn=lambda items: tuple(default_collate(items).values()))
+    guide, _ = fit(linreg, collector, tuples, **KW)  # the message's fix
+    assert guide.loc.shape == (3,)
 
 
 @pytest.mark.parametrize("flag", [np.bool_(True), torch.tensor(True)])
