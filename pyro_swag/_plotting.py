@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ def calibration_curve(result, ax: Any = None, path: str | Path | None = None):
     """The criterion of a :class:`~pyro_swag.calibrate.Calibration` against the scale (log
     axis), the chosen scale marked; the ELBO with a band of ±2 Monte Carlo standard errors,
     PSIS's ESS with k̂ on a second axis (threshold 0.7). Returns the axes."""
+    from .datatree import KHAT_MAX
+
     plt = pyplot()
     own = ax is None
     if own:
@@ -33,8 +36,14 @@ def calibration_curve(result, ax: Any = None, path: str | Path | None = None):
     if "khat" in result.curve:
         ax.set_ylim(0, result.num_samples)  # ESS out of the draws
         twin = ax.twinx()
-        twin.plot(s, result.curve["khat"], "s-", ms=3, color="C1", label="k̂")
-        twin.axhline(0.7, color="C1", ls=":", lw=1)
+        khat = result.curve["khat"]
+        twin.plot(s, khat, "s-", ms=3, color="C1", label="k̂")
+        off = [i for i, k in enumerate(khat) if k == math.inf]  # the tail fit broke down
+        if off:
+            top = max([k for k in khat if math.isfinite(k)] + [KHAT_MAX]) * 1.2
+            twin.plot([s[i] for i in off], [top] * len(off), "^", ms=5, color="C1",
+                      label="k̂ = ∞ (plotted at the top)")
+        twin.axhline(KHAT_MAX, color="C1", ls=":", lw=1)
         twin.set_ylabel("Pareto k̂", color="C1")
     ax.axvline(result.scale, color="k", ls="--", lw=1, label=f"chosen {result.scale:.3g}")
     ylabel = f"ESS (of {result.num_samples} draws)" if "khat" in result.curve else result.criterion

@@ -39,7 +39,7 @@ import torch
 
 from ._checks import is_int
 from .autoguide import SWAGGuide
-from .datatree import psis_diagnostic
+from .datatree import KHAT_MAX, psis_diagnostic
 from .predictive import log_joint, log_likelihood, sample_latents, unpack_latents
 
 __all__ = [
@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 METHODS = ("validation", "elbo", "psis")
-KHAT_MAX = 0.7
 #: PSIS fits a generalised Pareto to the largest ``num_samples // 5`` ratios (arviz-stats,
 #: up to 225 draws) and needs at least 5 of them.
 PSIS_MIN_SAMPLES = 25

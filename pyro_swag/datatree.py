@@ -47,6 +47,9 @@ __all__ = [
     "plot_loo_pit", "plot_ppc", "plot_trace", "psis_diagnostic", "summary", "to_datatree",
 ]
 
+#: Pareto k-hat above which importance weights p/q are unreliable (Vehtari et al. 2024).
+KHAT_MAX = 0.7
+
 
 def to_datatree(
     source: Any,
@@ -307,8 +310,8 @@ def loo(dt: xr.DataTree, corrected: bool | None = None, pointwise: bool = True,
 
 
 def _warn_khat(khat: float, ess: float, draws: int, what: str) -> None:
-    """Warn when the guide's PSIS k-hat is above 0.7."""
-    if khat > 0.7:
+    """Warn when the guide's PSIS k-hat is above :data:`KHAT_MAX`."""
+    if khat > KHAT_MAX:
         warnings.warn(
             f"the guide's Pareto k-hat is {khat:.2f} > 0.7 (ESS {ess:.0f} of "
             f"{draws} draws): its p/q weights are unreliable, and so is this "

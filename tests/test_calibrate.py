@@ -136,6 +136,19 @@ def test_psis_warns_when_no_scale_is_reliable():
     assert res.scale == 0.7 == guide.scale
 
 
+def test_psis_a_far_too_wide_scale_reads_as_infinite_khat(tmp_path):
+    """At 300x the posterior's width log p - log q spans thousands of nats; arviz's Pareto fit
+    then returns NaN weights beside k-hat ~0.17, which must not make that scale look usable."""
+    x, y = data()
+    mean, cov = posterior(x, y)
+    guide = gaussian_guide(x, y, mean, cov)
+    res = calibrate_psis(model, guide, x, y, scales=[1.0, 300.0**2], num_samples=100)
+    assert res.curve["khat"][1] == math.inf and res.curve["ess"][1] < 1.5
+    assert res.scale == 1.0
+    twin = [a for a in res.plot().figure.axes if a.get_ylabel() == "Pareto k̂"][0]
+    assert [line.get_label() for line in twin.lines][1].startswith("k̂ = ∞")
+
+
 def test_validation_curve_is_the_held_out_lppd():
     x, y = data()
     xv, yv = data(seed=1)
