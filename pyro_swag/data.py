@@ -9,7 +9,12 @@ standardised one minus :math:`\log s_y`.
 
 Built-in sets (scikit-learn, no download): ``diabetes`` (regression, the default),
 ``breast_cancer`` (Bernoulli), ``digits`` (categorical, 10 classes), ``moons`` (Bernoulli,
-``make_moons``). Their split ``i`` is a random 80/20 split seeded by ``i``.
+``make_moons``), ``friedman`` (regression, ``make_friedman1``: 1500 points, 10 inputs of
+which 5 matter, Gaussian noise of sd 1, so a homoscedastic Gaussian BNN is well specified
+and the best possible test log-likelihood is known, :math:`-\tfrac12\log(2\pi e) \approx
+-1.419` nats per point). Their split ``i`` is a random split seeded by ``i``: 80 % train /
+20 % test, except ``friedman``'s 20 / 80 (300 training points, and 1200 test points that
+measure interval coverage to about ±0.01).
 
 UCI sets follow the standard protocol layout (Hernández-Lobato & Adams 2015; Gal & Ghahramani
 2016): ``<data_dir>/<set>/data/{data.txt, index_features.txt, index_target.txt,
@@ -43,7 +48,11 @@ SKLEARN_DATASETS = {
     "breast_cancer": "bernoulli",
     "digits": "categorical",
     "moons": "bernoulli",
+    "friedman": "gaussian",
 }
+
+#: Test share of each built-in set's random split when ``test_fraction`` is not given.
+DEFAULT_TEST_FRACTION = {"friedman": 0.8}
 
 #: Short UCI names -> directory names of the standard splits.
 UCI_DATASETS = {
@@ -164,10 +173,12 @@ def _check_split(split, num_splits: int, where: str) -> int:
     return int(split)
 
 
-def _load_sklearn(name: str, split: int, test_fraction: float) -> Dataset:
+def _load_sklearn(name: str, split: int, test_fraction: float | None) -> Dataset:
     from sklearn import datasets
     from sklearn.model_selection import train_test_split
 
+    if test_fraction is None:
+        test_fraction = DEFAULT_TEST_FRACTION.get(name, 0.2)
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got test_fraction={test_fraction!r}")
     if isinstance(split, bool) or not isinstance(split, (int, np.integer)) or split < 0:
@@ -175,6 +186,9 @@ def _load_sklearn(name: str, split: int, test_fraction: float) -> Dataset:
     if name == "moons":
         x, y = datasets.make_moons(n_samples=500, noise=0.2, random_state=0)
         names = ["x0", "x1"]
+    elif name == "friedman":
+        x, y = datasets.make_friedman1(n_samples=1500, n_features=10, noise=1.0, random_state=0)
+        names = [f"x{i}" for i in range(10)]
     else:
         bunch = getattr(datasets, f"load_{name}")()
         x, y = bunch.data, bunch.target
@@ -258,7 +272,7 @@ def load_dataset(
     split: int = 0,
     *,
     data_dir: str | os.PathLike | None = None,
-    test_fraction: float = 0.2,
+    test_fraction: float | None = None,
 ) -> Dataset:
     """Load a built-in (:data:`SKLEARN_DATASETS`) or UCI (:data:`UCI_DATASETS`) dataset.
 
@@ -271,8 +285,8 @@ def load_dataset(
         UCI sets.
     data_dir : path, optional
         UCI data directory (default :func:`default_data_dir`).
-    test_fraction : float
-        Test share of the built-in sets' random split.
+    test_fraction : float, optional
+        Test share of the built-in sets' random split (default 0.2; 0.8 for ``friedman``).
 
     Raises
     ------

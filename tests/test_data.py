@@ -34,6 +34,14 @@ def test_builtin_sets_are_standardised_with_train_statistics(name):
         assert set(d.y_train.unique().tolist()) == {0.0, 1.0} and d.out_features == 1
 
 
+def test_friedman_is_a_small_training_set_with_many_test_points():
+    d = load_dataset("friedman", split=0)
+    assert d.x_train.shape == (300, 10) and d.x_test.shape == (1200, 10)
+    assert load_dataset("friedman", split=0, test_fraction=0.2).x_train.shape == (1200, 10)
+    assert load_dataset("diabetes", split=0).x_test.shape[0] == 89  # others keep 80/20
+    assert not torch.equal(d.y_test, load_dataset("friedman", split=1).y_test)
+
+
 def test_diabetes_round_trip_to_original_units():
     from sklearn.datasets import load_diabetes
 
