@@ -36,6 +36,7 @@ def model_of(guide) -> object | None:
     except TypeError:  # AutoGuide.model of an unpickled guide: self._model is None
         return None
 
+
 def _layout(guide: AutoContinuous) -> list[tuple[str, tuple[int, ...]]]:
     """Site names and unconstrained shapes, in the order they are packed."""
     return [(name, tuple(shape)) for name, shape in guide._unconstrained_shapes.items()]

@@ -313,7 +313,7 @@ def _warn_khat(khat: float, ess: float, draws: int, what: str) -> None:
     """Warn when the guide's PSIS k-hat is above :data:`KHAT_MAX`."""
     if khat > KHAT_MAX:
         warnings.warn(
-            f"the guide's Pareto k-hat is {khat:.2f} > 0.7 (ESS {ess:.0f} of "
+            f"the guide's Pareto k-hat is {khat:.2f} > {KHAT_MAX} (ESS {ess:.0f} of "
             f"{draws} draws): its p/q weights are unreliable, and so is this "
             f"{what}; widen or calibrate the guide (pyro_swag.calibrate), or compare "
             "methods on held-out data",
