@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--nuts-depth", type=int, default=None, metavar="D",
                      help="NUTS max tree depth (default 6; each level up to doubles the "
                           "cost of an iteration)")
+    cmp.add_argument("--swa-c", type=float, nargs="+", default=None, metavar="C",
+                     help="SWA learning rate c / tau_hat per datum (default c = 0.1); several "
+                          "values: each run keeps the one its SWAG predictive scores best on "
+                          "the pre-training hold-out (e.g. 0.03 0.1 0.3, the best single-run "
+                          "choice for BNN regression in docs/calibration.md)")
     cmp.add_argument("--calibration", choices=CALIBRATIONS, default=None,
                      help="scale selection of calibrated SWAG (default elbo; validation: "
                           "on the 10%% that pre-training holds out; see docs/calibration.md "
@@ -97,6 +102,10 @@ def _config(args, data=None):
                       ("nuts_samples", "nuts_samples"), ("nuts_depth", "nuts_max_tree_depth")):
         if getattr(args, key) is not None:
             overrides[attr] = getattr(args, key)
+    if args.swa_c is not None:
+        several = len(args.swa_c) > 1 or base.swa_c_grid is not None
+        overrides.update(swa_c=args.swa_c[0],
+                         swa_c_grid=tuple(sorted(set(args.swa_c))) if several else None)
     values = {**base.__dict__, **overrides}
     return CompareConfig(**values)
 

@@ -57,6 +57,12 @@ def test_calibration_and_nuts_flags_reach_the_config(capsys):
     assert _config(args).nuts_max_tree_depth == 8
     with pytest.raises(ValueError, match="nuts_samples must be an int >= 1"):
         _config(_parser().parse_args(["compare", "--nuts-samples", "0"]))
+    args = _parser().parse_args(["compare", "--swa-c", "0.3", "0.03", "0.1"])
+    assert _config(args).swa_c_grid == (0.03, 0.1, 0.3)
+    one = _config(_parser().parse_args(["compare", "--swa-c", "0.05"]))
+    assert (one.swa_c, one.swa_c_grid) == (0.05, None)
+    with pytest.raises(ValueError, match="swa_c_grid must be None or a non-empty tuple of pos"):
+        _config(_parser().parse_args(["compare", "--swa-c", "0.1", "-1"]))
     with pytest.raises(SystemExit):
         _parser().parse_args(["compare", "--calibration", "laplace"])
     assert "invalid choice: 'laplace'" in capsys.readouterr().err
