@@ -113,3 +113,17 @@ class FittedContinuous(KeepsModelWhenPickled, AutoContinuous):
                 f"the model has {self.latent_dim} unconstrained latent entries but the guide "
                 f"was fitted on {self.loc.shape[-1]}; use the model it was fitted on{hint}"
             )
+        self._follow_model()
+
+    def _follow_model(self) -> None:
+        """Give the guide's tensors the device and dtype of the model's latent values (a guide
+        saved from a float32 or CUDA model and loaded for a float64 or CPU one). Buffers kept
+        in a lower precision on purpose (SWAG's deviations) keep their dtype."""
+        values = [site["value"] for _, site in self.prototype_trace.iter_stochastic_nodes()]
+        ref = next((v for v in values if torch.is_tensor(v) and v.is_floating_point()), None)
+        old = self.loc.dtype
+        if ref is None or (ref.dtype, ref.device) == (old, self.loc.device):
+            return
+        for name, buf in list(self.named_buffers(recurse=False)):
+            dtype = ref.dtype if buf.dtype == old else buf.dtype
+            setattr(self, name, buf.to(ref.device, dtype))

@@ -174,6 +174,27 @@ def test_guide_save_load_identical_posterior(tmp_path):
         assert torch.equal(s1[k], s2[k])
 
 
+def test_a_guide_loaded_for_a_float64_model_follows_its_dtype():
+    torch.manual_seed(0)
+    collector = _collector_with([torch.randn(5) for _ in range(9)])
+    state = collector.swag_guide().state_dict()
+    state["deviations"] = state["deviations"].to(torch.bfloat16)  # kept low precision
+    x, _ = _data()
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the model's sites are float64 now
+    try:
+        guide = SWAGGuide.from_state_dict(mixed_model, state)
+        draws = Predictive(mixed_model, guide=guide, num_samples=4)(x.double())
+        mixture = MultiSWAG([SWAGGuide.from_state_dict(mixed_model, state)] * 2)
+        mixed = Predictive(mixed_model, guide=mixture, num_samples=4)(x.double())
+    finally:
+        torch.set_default_dtype(prev)
+    assert guide.loc.dtype == guide.variance.dtype == torch.float64
+    assert guide.deviations.dtype == torch.bfloat16
+    assert draws["w"].dtype == draws["y"].dtype == mixed["y"].dtype == torch.float64
+    torch.testing.assert_close(guide.loc, state["loc"].double())
+
+
 def test_pickling_a_guide_leaves_it_working(tmp_path):
     # Pyro's AutoGuide.__getstate__ sets the live guide's model to None; ours keep it
     torch.manual_seed(0)
