@@ -21,7 +21,7 @@ def calibration_curve(result, ax: Any = None, path: str | Path | None = None):
     """The criterion of a :class:`~pyro_swag.calibrate.Calibration` against the scale (log
     axis), the chosen scale marked; the ELBO with a band of ±2 Monte Carlo standard errors,
     PSIS's ESS with k̂ on a second axis (threshold 0.7). Returns the axes."""
-    from .datatree import KHAT_MAX
+    from ._weighted import KHAT_MAX
 
     plt = pyplot()
     own = ax is None

@@ -17,7 +17,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import MCMC, NUTS
+from pyro.infer import MCMC
 from pyro.infer.autoguide import AutoDiagonalNormal
 from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.poutine.messenger import Messenger
@@ -31,54 +31,8 @@ from .autoguide import SWAGCollector
 from .multiswag import MultiSWAG
 from .predictive import log_joint, log_likelihood, predictive, sample_latents, unpack_latents
 
-__all__ = ["Collected", "RecordingNUTS", "collect", "constant_data_of", "scale_attrs",
+__all__ = ["Collected", "collect", "constant_data_of", "constant_dims", "scale_attrs",
            "site_dims"]
-
-
-class RecordingNUTS(NUTS):
-    """``pyro.infer.NUTS`` that also records, per kept draw, what ArviZ reports.
-
-    Pyro's MCMC keeps only the indices of divergent draws; with this kernel
-    :func:`to_datatree` adds ``tree_depth``, ``n_steps`` (leapfrog steps), the per-draw
-    ``step_size`` and ``energy`` to ``sample_stats``. ``energy`` is the Hamiltonian
-    :math:`H = U(z) + K(r)` (potential: the negative log joint of the unconstrained latents)
-    after the momentum is drawn, the level the transition's trajectory keeps, as ArviZ's
-    ``bfmi`` and ``plot_energy`` expect. Only for chains run in this process (one chain, or
-    several with ``mp_context=None`` and sequential chains). ``chain_stats`` holds one list
-    per chain set up (Pyro sets the kernel up once per chain).
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.chain_stats: list[list[tuple[int, int, float, float]]] = []
-
-    def setup(self, warmup_steps, *args, **kwargs):
-        self.chain_stats.append([])
-        self._nest = self._depth = self._leaves = 0
-        return super().setup(warmup_steps, *args, **kwargs)
-
-    def _build_basetree(self, *args, **kwargs):
-        self._leaves += 1
-        return super()._build_basetree(*args, **kwargs)
-
-    def _build_tree(self, *args, **kwargs):
-        if self._nest == 0:  # one top-level call per doubling, all at the same energy
-            self._depth += 1
-            self._energy = args[6] if len(args) > 6 else kwargs.get("energy_current", self._energy)
-        self._nest += 1
-        try:
-            return super()._build_tree(*args, **kwargs)
-        finally:
-            self._nest -= 1
-
-    def sample(self, params):
-        self._depth = self._leaves = 0
-        self._energy = float("nan")
-        step_size = float(self.step_size)
-        out = super().sample(params)
-        if self._t > self._warmup_steps:
-            self.chain_stats[-1].append((self._depth, self._leaves, step_size, float(self._energy)))
-        return out
 
 
 # ----------------------------------------------------------------------------- sites
@@ -181,6 +135,22 @@ def constant_data_of(model, args, kwargs, observed: dict) -> dict[str, torch.Ten
         if torch.is_tensor(v) and not any(v is o or (v.shape == o.shape and torch.equal(v, o))
                                           for o in obs_values)
     }
+
+
+def constant_dims(const: dict, var_dims: dict, observed: dict) -> dict[str, list[str]]:
+    """Dimension names of constant data: a leading axis whose size is one observed plate's
+    takes that plate's name (``x`` of shape (N, D) gets ``data``), others ``{k}_dim_{i}``."""
+    plate_sizes: dict[int, set] = {}
+    for name, site in observed.items():
+        for dim, size in zip(var_dims[name], site["value"].shape):
+            plate_sizes.setdefault(size, set()).add(dim)
+    out = {}
+    for k, v in const.items():
+        shape = np.shape(v)
+        named = plate_sizes.get(shape[0], set()) if shape else set()
+        out[k] = [next(iter(named)) if i == 0 and len(named) == 1 else f"{k}_dim_{i}"
+                  for i in range(len(shape))]
+    return out
 
 
 def _pack(guide, values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

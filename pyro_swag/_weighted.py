@@ -4,8 +4,26 @@ the equal-tailed interval from the weighted empirical CDF."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
+
+#: Pareto k-hat above which importance weights p/q are unreliable (Vehtari et al. 2024).
+KHAT_MAX = 0.7
+
+
+def warn_khat(khat: float, ess: float, draws: int, what: str) -> None:
+    """Warn when the guide's PSIS k-hat is above :data:`KHAT_MAX`."""
+    if khat > KHAT_MAX:
+        warnings.warn(
+            f"the guide's Pareto k-hat is {khat:.2f} > {KHAT_MAX} (ESS {ess:.0f} of "
+            f"{draws} draws): its p/q weights are unreliable, and so is this "
+            f"{what}; widen or calibrate the guide (pyro_swag.calibrate), or compare "
+            "methods on held-out data",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _quantile(values: np.ndarray, w: np.ndarray, q: float) -> float:

@@ -38,8 +38,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ._checks import is_int
+from ._weighted import KHAT_MAX
 from .autoguide import SWAGGuide
-from .datatree import KHAT_MAX, psis_diagnostic
+from .datatree import psis_diagnostic
 from .predictive import log_joint, log_likelihood, sample_latents, unpack_latents
 
 __all__ = [

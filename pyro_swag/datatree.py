@@ -39,17 +39,14 @@ import xarray as xr
 from arviz_stats.base import array_stats
 from scipy.special import logsumexp
 
-from ._sources import RecordingNUTS, collect, constant_data_of, scale_attrs, site_dims
-from ._weighted import weighted_table
+from ._nuts import RecordingNUTS
+from ._sources import collect, constant_data_of, constant_dims, scale_attrs, site_dims
+from ._weighted import warn_khat, weighted_table
 
 __all__ = [
     "RecordingNUTS", "compare", "loo", "loo_pit", "mcmc_health", "plot_energy", "plot_forest",
     "plot_loo_pit", "plot_ppc", "plot_trace", "psis_diagnostic", "summary", "to_datatree",
 ]
-
-#: Pareto k-hat above which importance weights p/q are unreliable (Vehtari et al. 2024).
-KHAT_MAX = 0.7
-
 
 def to_datatree(
     source: Any,
@@ -123,17 +120,7 @@ def to_datatree(
     const = dict(constant_data) if constant_data is not None else constant_data_of(
         model, args, kwargs, info["observed"]
     )
-    plate_sizes = {}
-    for name in obs_names:
-        for dim, size in zip(var_dims[name], info["observed"][name]["value"].shape):
-            plate_sizes.setdefault(size, set()).add(dim)
-    for k, v in const.items():
-        shape = np.shape(v)
-        named = plate_sizes.get(shape[0], set()) if shape else set()
-        var_dims.setdefault(k, [
-            next(iter(named)) if i == 0 and len(named) == 1 else f"{k}_dim_{i}"
-            for i in range(len(shape))
-        ])
+    var_dims = constant_dims(const, var_dims, info["observed"]) | var_dims
     var_dims.update({k: list(v) for k, v in (dims or {}).items()})
     data = {
         "posterior": {k: chains(values[k]) for k in info["latent"]}
@@ -258,6 +245,12 @@ def _corrected(dt: xr.DataTree, corrected: bool | None) -> bool:
     return has if corrected is None else bool(corrected)
 
 
+def _point_mass(dt: xr.DataTree) -> bool:
+    """Whether every posterior draw is the same point (an AutoDelta export)."""
+    post = dt["posterior"].data_vars.values() if "posterior" in dt.children else [None]
+    return all(v is not None and bool((v == v.isel(chain=0, draw=0)).all()) for v in post)
+
+
 def _float64(dt: xr.DataTree) -> xr.DataTree:
     r"""A copy whose log-likelihood and sample stats are float64, refused below 25 draws:
     the importance ratios :math:`\log p - \log q` of a wide guide span thousands of nats,
@@ -270,6 +263,12 @@ def _float64(dt: xr.DataTree) -> xr.DataTree:
         raise ValueError(
             f"PSIS needs at least 25 draws (its Pareto tail takes the largest S/5, at least "
             f"5), got S = {draws}; export more draws, to_datatree(..., num_draws=100)"
+        )
+    if _point_mass(dt):
+        raise ValueError(
+            "every posterior draw is the same point (a point-mass guide such as AutoDelta, "
+            "i.e. a MAP): PSIS-LOO needs draws from a posterior with spread; export a "
+            "SWAGGuide, an AutoNormal or an MCMC run instead"
         )
     out = dt.copy()
     for group in ("log_likelihood", "sample_stats"):
@@ -293,7 +292,7 @@ def loo(dt: xr.DataTree, corrected: bool | None = None, pointwise: bool = True,
     dt = _float64(dt)
     if _corrected(dt, corrected):  # weights p / (q p(y_i | theta)) vary even where ll does not
         ss = dt["sample_stats"]
-        _warn_khat(*psis_diagnostic(ss["log_p"], ss["log_q"]), ss["log_p"].size, "corrected LOO")
+        warn_khat(*psis_diagnostic(ss["log_p"], ss["log_q"]), ss["log_p"].size, "corrected LOO")
         return arviz_stats.loo_approximate_posterior(
             dt, ss["log_p"], ss["log_q"], pointwise=pointwise, var_name=var_name
         )
@@ -309,19 +308,6 @@ def loo(dt: xr.DataTree, corrected: bool | None = None, pointwise: bool = True,
     return arviz_stats.loo(dt, pointwise=pointwise, var_name=var_name)
 
 
-def _warn_khat(khat: float, ess: float, draws: int, what: str) -> None:
-    """Warn when the guide's PSIS k-hat is above :data:`KHAT_MAX`."""
-    if khat > KHAT_MAX:
-        warnings.warn(
-            f"the guide's Pareto k-hat is {khat:.2f} > {KHAT_MAX} (ESS {ess:.0f} of "
-            f"{draws} draws): its p/q weights are unreliable, and so is this "
-            f"{what}; widen or calibrate the guide (pyro_swag.calibrate), or compare "
-            "methods on held-out data",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-
 def summary(dt: xr.DataTree, corrected: bool | None = None, var_names=None,
             ci_prob: float = 0.9, round_to: int | None = None):
     """Posterior summary table (pandas). For a guide's export (``corrected=None`` with
@@ -329,13 +315,13 @@ def summary(dt: xr.DataTree, corrected: bool | None = None, var_names=None,
     mean, sd and ``ci_prob`` interval are the posterior's, not the guide's (reliable while
     the guide's k-hat <= 0.7; ``attrs`` holds ``khat`` and ``ess``); ``corrected=False``
     (and MCMC) is ``arviz_stats.summary`` of the draws as they are. Unrounded by default."""
-    if not _corrected(dt, corrected):
+    if not _corrected(dt, corrected) or _point_mass(dt):  # one point: nothing to weight
         return arviz_stats.summary(dt, var_names=var_names, ci_prob=ci_prob,
                                    round_to="none" if round_to is None else round_to)
     ss = dt["sample_stats"]
     w, khat = _psis_weights(ss["log_p"], ss["log_q"])
     ess = float(1.0 / np.sum(w**2))
-    _warn_khat(khat, ess, w.size, "corrected summary")
+    warn_khat(khat, ess, w.size, "corrected summary")
     post = dt["posterior"]
     names = [var_names] if isinstance(var_names, str) else list(var_names or post.data_vars)
     values = {k: post[k].values.reshape(-1, *post[k].shape[2:]) for k in names}

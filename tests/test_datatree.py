@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import xarray as xr  # noqa: E402
 from pyro.infer import MCMC, SVI, Trace_ELBO  # noqa: E402
-from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal  # noqa: E402
+from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoNormal  # noqa: E402
 from pyro.infer.mcmc.util import initialize_model  # noqa: E402
 from torch.distributions import biject_to  # noqa: E402
 
@@ -36,6 +36,7 @@ from pyro_swag.datatree import (  # noqa: E402
     plot_ppc,
     plot_trace,
     psis_diagnostic,
+    summary,
     to_datatree,
 )
 from pyro_swag.models import BayesianMLP  # noqa: E402
@@ -288,6 +289,21 @@ def test_errors(fitted):
         with pytest.raises(ValueError, match="at least 25 draws.*got S = 24.*num_draws=100"):
             fn(few)
     assert np.isfinite(float(loo(to_datatree(fitted["swag"], args, kwargs, num_draws=25)).elpd))
+
+
+def test_a_point_mass_export_gets_a_clear_loo_error_and_a_plain_summary(fitted):
+    args, kwargs = (fitted["x"],), {"y": fitted["y"]}
+    pyro.clear_param_store()
+    delta = AutoDelta(linreg)
+    delta(*args, **kwargs)
+    dt = to_datatree(delta, args, kwargs, num_draws=50)
+    for fn in (loo, loo_pit):
+        with pytest.raises(ValueError, match="every posterior draw is the same point.*AutoDelta"):
+            fn(dt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ArviZ's own, about R-hat of constant draws
+        table = summary(dt)
+    assert (table["sd"] < 1e-6).all() and "khat" not in table.attrs  # float32 round-off
 
 
 def subsampled(x, y=None, subsample=None):
