@@ -324,6 +324,9 @@ def summary(dt: xr.DataTree, corrected: bool | None = None, var_names=None,
     warn_khat(khat, ess, w.size, "corrected summary")
     post = dt["posterior"]
     names = [var_names] if isinstance(var_names, str) else list(var_names or post.data_vars)
+    if set(names) - set(post.data_vars):
+        raise KeyError(f"var_names {sorted(set(names) - set(post.data_vars))} are not in the "
+                       f"posterior; it has {sorted(post.data_vars)}")
     values = {k: post[k].values.reshape(-1, *post[k].shape[2:]) for k in names}
     table = weighted_table(values, w, ci_prob)
     table.attrs.update(khat=khat, ess=ess)

@@ -51,6 +51,8 @@ def test_summary_warns_when_the_guide_is_a_poor_proposal():
         warnings.simplefilter("error")  # the plain summary does not weight, nor warn
         plain = summary(export(guide, x, y, 400), corrected=False, var_names="w", ci_prob=0.8)
     assert {"mean", "sd", "eti80_lb", "ess_bulk"} <= set(plain.columns)
+    with pytest.raises(KeyError, match=r"var_names \['nope'\] are not in the posterior; it has"):
+        summary(export(guide, x, y, 400), var_names=["w", "nope"])
 
 
 def test_summary_of_a_far_too_wide_guide_is_finite_and_warns():
