@@ -247,8 +247,8 @@ def _corrected(dt: xr.DataTree, corrected: bool | None) -> bool:
 
 def _point_mass(dt: xr.DataTree) -> bool:
     """Whether every posterior draw is the same point (an AutoDelta export)."""
-    post = dt["posterior"].data_vars.values() if "posterior" in dt.children else [None]
-    return all(v is not None and bool((v == v.isel(chain=0, draw=0)).all()) for v in post)
+    post = list(dt["posterior"].data_vars.values()) if "posterior" in dt.children else []
+    return bool(post) and all(bool((v == v.isel(chain=0, draw=0)).all()) for v in post)
 
 
 def _float64(dt: xr.DataTree) -> xr.DataTree:
