@@ -168,8 +168,16 @@ def _check_positive_int(value: Any, name: str) -> int:
 
 
 def _num_draws(samples: dict[str, torch.Tensor], name: str) -> int:
-    if not isinstance(samples, dict) or not samples:
-        raise ValueError(f"{name} must be a non-empty dict {{site: tensor (S, ...)}}")
+    if not isinstance(samples, dict):
+        hint = "" if not callable(samples) else (
+            ": pass a guide as guide=..." if name == "posterior_samples" else
+            f": draw them first, e.g. {name}=predictive(model, guide, x, num_samples=100)")
+        raise TypeError(
+            f"{name} must be a dict of draws {{site: tensor (S, ...)}}, got a "
+            f"{type(samples).__name__}{hint}"
+        )
+    if not samples:
+        raise ValueError(f"{name} must be a non-empty dict {{site: tensor (S, ...)}}, got {{}}")
     sizes = {k: v.shape[0] if torch.is_tensor(v) and v.dim() else None for k, v in samples.items()}
     if len(set(sizes.values())) != 1 or None in sizes.values():
         raise ValueError(

@@ -38,7 +38,7 @@ from ._fitted import (
     _check_layout,
     _layout,
 )
-from .moments import SWAGMoments
+from .moments import SWAGMoments, unmoved, warn_unmoved
 
 __all__ = ["FittedContinuous", "SWAGCollector", "SWAGGuide"]
 
@@ -169,7 +169,9 @@ class SWAGCollector(KeepsModelWhenPickled, AutoLaplaceApproximation):
             diagonal=diagonal,
             layout=_layout(self),
         )
-        return _adopt_prototype(guide, self)
+        guide = _adopt_prototype(guide, self)
+        _warn_unmoved(guide, self.num_snapshots)
+        return guide
 
     # ------------------------------------------------------------- persistence
     def get_extra_state(self) -> dict[str, Any]:
@@ -212,6 +214,15 @@ class SWAGCollector(KeepsModelWhenPickled, AutoLaplaceApproximation):
         rest = {k: v for k, v in state_dict.items() if k in known - {"loc"}}
         result = super().load_state_dict(rest, strict=False, assign=assign)
         return result._replace(missing_keys=missing, unexpected_keys=unexpected)
+
+
+def _warn_unmoved(guide: SWAGGuide, snapshots: int) -> None:
+    """:func:`~pyro_swag.moments.warn_unmoved` with the guide's unmoved coordinates by site."""
+    mask = unmoved(guide.loc, guide.variance)
+    if mask.any():
+        counts = {site["name"]: int(part.sum())
+                  for site, part in guide._unpack_latent(mask.to(guide.loc.dtype))}
+        warn_unmoved(counts, mask.numel(), snapshots, stacklevel=4)
 
 
 class SWAGGuide(FittedContinuous):

@@ -52,7 +52,7 @@ from ._distributed_state import (
     write_checkpoint,
 )
 from ._fitted import _adopt_prototype, _layout
-from .autoguide import SWAGCollector, SWAGGuide
+from .autoguide import SWAGCollector, SWAGGuide, _warn_unmoved
 from .moments import SWAGMoments
 
 __all__ = [
@@ -264,7 +264,9 @@ class DistributedSWAG:
             return None
         device = self.collector.loc.device  # the guide lives with the model
         loc, var, devs = (t.to(device) for t in (full[0][0], full[0][1], full[1]))
-        return _guide_from(self.collector, loc, var, devs, scale, diagonal)
+        guide = _guide_from(self.collector, loc, var, devs, scale, diagonal)
+        _warn_unmoved(guide, m.count)
+        return guide
 
     # ------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ when the spread is tiny compared with the mean. Deviations live in a preallocate
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -34,7 +35,36 @@ from torch import nn
 
 from ._checks import is_int, is_real
 
-__all__ = ["SWAGMoments"]
+__all__ = ["SWAGMoments", "unmoved", "warn_unmoved"]
+
+
+def unmoved(mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    r"""Boolean mask of the coordinates that a trajectory with these moments did not move.
+
+    A coordinate counts as unmoved when its variance is no spread at all on the scale of the
+    unconstrained space, :math:`\Sigma_{\rm diag} \le (16\,\varepsilon \max(|\mu|, 1))^2`
+    (:math:`\varepsilon` the dtype's machine epsilon): SGD's gradient there carried no
+    minibatch noise (e.g. a direction set by the prior alone), so SWAG gives it no spread
+    however wide the posterior is.
+    """
+    tol = 16 * torch.finfo(mean.dtype).eps * mean.abs().clamp(min=1)
+    return variance <= tol.square()
+
+
+def warn_unmoved(counts: dict[str, int], size: int, snapshots: int, stacklevel: int = 2) -> None:
+    """Warn that SWAG has no spread in some coordinates; ``counts``: unmoved ones by name."""
+    where = ", ".join(f"{name!r}: {c}" for name, c in counts.items() if c)
+    warnings.warn(
+        f"SWAG: {sum(counts.values())} of {size} coordinates did not move over the "
+        f"{snapshots} snapshots ({where}): SGD's gradient there had no minibatch noise, so the "
+        "guide gives them no spread, whatever their posterior. Typical causes: latents the "
+        "data do not inform (weights of a constant input or of a hidden unit the fit "
+        "switched off, a Dirichlet component the likelihood ignores), or an SWA rate too "
+        "small to move them. Their spread matters to log q (PSIS k-hat, corrected LOO) and, "
+        "for switched-off units, to predictions away from the data; see docs/swag.md",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 class SWAGMoments(nn.Module):

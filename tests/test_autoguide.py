@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -12,8 +13,9 @@ from pyro.distributions.transforms import biject_to
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal
 
-from pyro_swag import MultiSWAG, SWAGCollector, SWAGGuide
+from pyro_swag import MultiSWAG, SWAGCollector, SWAGGuide, fit
 from pyro_swag.datatree import to_datatree
+from pyro_swag.moments import unmoved
 
 
 def mixed_model(x, y=None):
@@ -92,6 +94,37 @@ def _conjugate(n=100, d=3, seed=0):
     prec = torch.eye(d) / PRIOR_SD**2 + x.T @ x / NOISE_SD**2
     cov = torch.linalg.inv(prec)
     return x, y, cov @ x.T @ y / NOISE_SD**2, cov
+
+
+def test_unmoved_coordinates_are_named_by_site_when_the_guide_is_built():
+    torch.manual_seed(0)
+    snaps = [torch.randn(5) for _ in range(6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every coordinate moved: no warning
+        _collector_with(snaps).swag_guide()
+    for s in snaps:
+        s[3] = -0.7  # one simplex coordinate of "p" never moves
+    with pytest.warns(RuntimeWarning, match=r"1 of 5 coordinates did not move over the 6 "
+                      r"snapshots \('p': 1\)"):
+        guide = _collector_with(snaps).swag_guide()
+    assert guide.marginal_variance()[3] < 1e-20  # what the warning is about
+    assert unmoved(torch.tensor([0.0, 1e3, 1e3]), torch.tensor([0.0, 1e-8, 1e-4])).tolist() == [
+        True, True, False]  # relative to max(|mean|, 1)
+
+
+def test_a_latent_the_data_never_see_is_flagged_after_fit():
+    """The Dirichlet's second and third components enter the likelihood nowhere: SGD's
+    gradient along their ratio is the prior's alone, without noise, so SWAG keeps it fixed."""
+
+    def model(y, num_data=None):
+        w = pyro.sample("w", dist.Dirichlet(torch.ones(3)))
+        with pyro.plate("data", num_data or len(y), subsample_size=len(y)):
+            pyro.sample("obs", dist.Poisson(6 * w[0]), obs=y)
+
+    y = dist.Poisson(2.0).sample((200,))
+    with pytest.warns(RuntimeWarning, match=r"did not move.*\('w': 1\)"):
+        fit(model, SWAGCollector(model), (y,), epochs=8, swa_start=4, swa_lr=1e-3,
+            batch_size=20, quiet=True, seed=0)
 
 
 def test_conjugate_exact_draws_give_posterior_mean():

@@ -88,6 +88,11 @@ def test_guides_given_the_wrong_way_are_refused():
         predictive(linreg, x, num_samples=3)
     with pytest.raises(TypeError, match=r"model first.*SWAGGuide.*predictive\(guide.model, guide"):
         predictive(guide, num_samples=3, x=x)
+    with pytest.raises(TypeError, match=r"samples must be a dict of draws.*got a SWAGGuide: "
+                       r"draw them first, e.g. samples=predictive\(model, guide"):
+        log_likelihood(linreg, guide, x, y)
+    with pytest.raises(TypeError, match="posterior_samples must be a dict.*pass a guide as guide="):
+        predictive(linreg, None, x, posterior_samples=guide)
 
 
 def test_corrected_loo_warns_when_the_guide_is_a_poor_proposal():
