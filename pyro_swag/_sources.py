@@ -20,6 +20,7 @@ from pyro import poutine
 from pyro.infer import MCMC
 from pyro.infer.autoguide import AutoDiagonalNormal
 from pyro.infer.autoguide.initialization import InitMessenger
+from pyro.infer.reparam import NeuTraReparam
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
@@ -208,6 +209,12 @@ def _mcmc_draws(mcmc: MCMC, num_chains, num_draws):
     return c, d, values, stats
 
 
+def _neutra_of(model: Callable) -> NeuTraReparam | None:
+    """The :class:`NeuTraReparam` of a model built as ``neutra.reparam(model)``, else None."""
+    owner = getattr(getattr(getattr(model, "msngr", None), "config", None), "__self__", None)
+    return owner if isinstance(owner, NeuTraReparam) else None
+
+
 def _guide_draws(guide, model, args, kwargs, info, num_chains, num_draws):
     """Draws of a guide: ``(C, D, values, latents or None, log_q_u or None, layout)``."""
     if getattr(guide, "prototype_trace", None) is None and hasattr(guide, "_setup_prototype"):
@@ -301,8 +308,10 @@ def collect(
             "...)"
         )
     is_mcmc = isinstance(source, MCMC)
+    neutra = _neutra_of(source.kernel.model) if is_mcmc else None
     if model is None:
-        model = source.kernel.model if is_mcmc else _guide_model(source)
+        model = (source.kernel.model.fn if neutra else source.kernel.model) if is_mcmc else (
+            _guide_model(source))
     if not callable(model):
         raise TypeError(
             f"could not find the model of source={type(source).__name__} (a guide loaded with "
@@ -312,6 +321,9 @@ def collect(
     stats: dict[str, np.ndarray] = {}
     if is_mcmc:
         c, d, values, stats = _mcmc_draws(source, num_chains, num_draws)
+        if neutra is not None:  # draws of the whitened latent: map them to the model's sites
+            with torch.no_grad():
+                values = neutra.transform_sample(next(iter(values.values())))
         latents, log_q, layout = None, None, None
     elif callable(source):
         c, d, values, latents, log_q, layout = _guide_draws(
@@ -322,6 +334,12 @@ def collect(
             f"source must be a Pyro guide or a pyro.infer.MCMC, got {type(source).__name__}"
         )
     missing = set(info["latent"]) - set(values)
+    if missing and any(k.endswith("_shared_latent") for k in values):
+        raise ValueError(
+            f"the MCMC run holds NeuTraReparam draws ({sorted(values)}), not the model's latent "
+            f"sites {sorted(missing)}: build its model as neutra.reparam(model), which "
+            "to_datatree recognises and maps back"
+        )
     if missing:
         raise ValueError(f"source has no draws of the model's latent sites {sorted(missing)}")
     values = {k: values[k].detach() for k in info["latent"]}
@@ -343,7 +361,9 @@ def collect(
 
     return Collected(
         c, d, info, values, pred, loglik, log_p, log_q, stats,
-        type(source.kernel if is_mcmc else source).__name__, model,
+        type(source.kernel if is_mcmc else source).__name__
+        + (f" whitened by NeuTraReparam({type(neutra.guide).__name__})" if neutra else ""),
+        model,
     )
 
 

@@ -38,6 +38,7 @@ from ._fitted import (
     _check_layout,
     _layout,
 )
+from ._lowrank import LowRankAffine
 from .moments import SWAGMoments, unmoved, warn_unmoved
 
 __all__ = ["FittedContinuous", "SWAGCollector", "SWAGGuide"]
@@ -335,6 +336,20 @@ class SWAGGuide(FittedContinuous):
         return dist.LowRankMultivariateNormal(
             self.loc, self.cov_factor(), self.scale * self.variance / 2
         )
+
+    def get_base_dist(self) -> dist.TorchDistribution:
+        """``N(0, I_P)``, the base of :meth:`get_transform`."""
+        return dist.Normal(torch.zeros_like(self.loc), 1.0).to_event(1)
+
+    def get_transform(self, *args, **kwargs) -> LowRankAffine:
+        """The affine bijection that maps :meth:`get_base_dist` onto :meth:`get_posterior`,
+        at :math:`O(PK')` per point (:mod:`pyro_swag._lowrank`); what
+        :class:`~pyro.infer.reparam.NeuTraReparam` uses to whiten the model for HMC/NUTS."""
+        self._create_plates(*args, **kwargs)  # NeuTraReparam reads guide.plates next
+        full = not self.diagonal and self.rank
+        diag = self.scale * self.variance * (1.0 if self.diagonal else 0.5)
+        factor = self.cov_factor() if full else self.loc.new_zeros(self.loc.numel(), 0)
+        return LowRankAffine(self.loc, diag, factor)
 
     def marginal_variance(self) -> torch.Tensor:
         """Diagonal of the posterior covariance, without forming it."""

@@ -68,7 +68,8 @@ def to_datatree(
     source : SWAGGuide, MultiSWAG, Pyro autoguide or pyro.infer.MCMC
         What to export. MultiSWAG with equal weights gives one chain per run; other guides
         (MultiSWAG with unequal weights included: draws of the weighted mixture) give
-        ``num_chains * num_draws`` independent draws split into chains.
+        ``num_chains * num_draws`` independent draws split into chains. An MCMC run on
+        ``NeuTraReparam(guide).reparam(model)`` is exported with the model's own sites.
     args, kwargs : tuple, dict
         The model's arguments *with the observed data*, e.g. ``args=(x,), kwargs={"y": y}``.
     model : callable, optional
