@@ -98,7 +98,10 @@ class SWAGCollector(KeepsModelWhenPickled, AutoLaplaceApproximation):
                         f"{frame.size} of {frame.full_size}: the SWAG posterior is one global "
                         "vector and cannot hold local latents of a subsampled plate (it would "
                         "mix whichever rows each batch holds). Pass the whole plate in every "
-                        "batch, or move the latent out of the subsampled plate"
+                        "batch, or move the latent out of the subsampled plate" + (
+                            "; here obs_mask made the masked entries latent: drop them from "
+                            "the likelihood with poutine.mask(mask=...) instead"
+                            if name.endswith("_unobserved") else "")
                     )
         self.loc = torch.nn.Parameter(self._init_loc())
 

@@ -145,6 +145,19 @@ def test_local_latents_of_a_subsampled_plate_are_refused():
     assert guide.median()["theta"].shape == (8,)
 
 
+def test_an_obs_mask_under_minibatches_points_to_poutine_mask():
+    def model(x, y=None, mask=None, num_data=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", num_data or len(x), subsample=torch.arange(len(x))):
+            pyro.sample("obs", dist.Normal(w * x, 1.0), obs=y, obs_mask=mask)
+
+    x = torch.randn(40)
+    with pytest.raises(ValueError, match=r"'obs_unobserved' lies in plate 'data'.*obs_mask "
+                                         r"made the masked entries latent.*poutine.mask"):
+        fit(model, SWAGCollector(model), (x, x, x > -1), epochs=2, swa_start=0, swa_lr=1e-3,
+            batch_size=10, quiet=True)
+
+
 def test_deterministic_and_factor_sites_are_not_taken_for_unscaled_data():
     def model(x, y=None, num_data=None):
         w = pyro.sample("w", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
