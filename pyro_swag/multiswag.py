@@ -170,6 +170,14 @@ class MultiSWAG(FittedContinuous):
         """``MixtureSameFamily(Categorical(weights), LowRankMultivariateNormal)``."""
         return dist.MixtureSameFamily(dist.Categorical(probs=self.weights), self.components())
 
+    def get_transform(self, *args, **kwargs):
+        """Refused: no affine map whitens a mixture (Pyro's ``NeuTraReparam`` asks for one)."""
+        raise NotImplementedError(
+            "MultiSWAG is a mixture of R Gaussians, which no single affine transform maps "
+            "N(0, I) onto; whiten NUTS by one run's SWAGGuide instead, e.g. "
+            "NeuTraReparam(guides[0]) of the guides MultiSWAG was built from"
+        )
+
     def marginal_variance(self) -> torch.Tensor:
         r"""Per-entry mixture variance :math:`\sum_r \pi_r(\sigma^2_r + \mu_r^2) - \bar\mu^2`."""
         var_r = self.cov_diag + self.cov_factor.pow(2).sum(-1)

@@ -13,7 +13,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.infer.reparam import NeuTraReparam
 from test_autoguide import _collector_with, _conjugate, linreg
 
-from pyro_swag import SWAGCollector
+from pyro_swag import MultiSWAG, SWAGCollector
 from pyro_swag.datatree import to_datatree
 
 
@@ -81,3 +81,11 @@ def test_neutra_example_smoke(tmp_path):
     ).stdout
     assert "NUTS checks: draws 60, divergences" in out and "test log predictive" in out
     assert (tmp_path / "forest.png").stat().st_size > 0
+
+
+def test_a_multiswag_mixture_is_refused_with_the_way_out():
+    snaps = [torch.randn(5) for _ in range(4)]
+    multi = MultiSWAG([_collector_with(snaps).swag_guide(), _collector_with(snaps).swag_guide()])
+    with pytest.raises(NotImplementedError, match=r"mixture of R Gaussians.*NeuTraReparam\("
+                                                  r"guides\[0\]\)"):
+        multi.get_transform()
