@@ -60,8 +60,9 @@ def warn_unmoved(counts: dict[str, int], size: int, snapshots: int, stacklevel: 
         "guide gives them no spread, whatever their posterior. Typical causes: latents the "
         "data do not inform (weights of a constant input or of a hidden unit the fit "
         "switched off, a Dirichlet component the likelihood ignores), or an SWA rate too "
-        "small to move them. Their spread matters to log q (PSIS k-hat, corrected LOO) and, "
-        "for switched-off units, to predictions away from the data; see docs/swag.md",
+        "small to move them. There the importance weights p/q of PSIS and the corrected LOO "
+        "have infinite variance, which a k-hat from a few hundred draws can miss, and for "
+        "switched-off units the predictions away from the data lack spread; see docs/swag.md",
         RuntimeWarning,
         stacklevel=stacklevel + 1,
     )
