@@ -62,12 +62,3 @@ class LowRankAffine(Transform):
 
     def log_abs_det_jacobian(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self._logdet.expand(z.shape[:-1])
-
-    def with_cache(self, cache_size: int = 1) -> LowRankAffine:
-        if self._cache_size == cache_size:
-            return self
-        new = LowRankAffine.__new__(LowRankAffine)
-        Transform.__init__(new, cache_size=cache_size)
-        for k in ("loc", "sd", "q", "c", "c_inv", "_logdet"):
-            setattr(new, k, getattr(self, k))
-        return new

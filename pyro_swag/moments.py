@@ -41,11 +41,11 @@ __all__ = ["SWAGMoments", "unmoved", "warn_unmoved"]
 def unmoved(mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
     r"""Boolean mask of the coordinates that a trajectory with these moments did not move.
 
-    A coordinate counts as unmoved when its variance is no spread at all on the scale of the
-    unconstrained space, :math:`\Sigma_{\rm diag} \le (16\,\varepsilon \max(|\mu|, 1))^2`
-    (:math:`\varepsilon` the dtype's machine epsilon): SGD's gradient there carried no
-    minibatch noise (e.g. a direction set by the prior alone), so SWAG gives it no spread
-    however wide the posterior is.
+    A coordinate counts as unmoved when
+    :math:`\Sigma_{\rm diag} \le (16\,\varepsilon \max(|\mu|, 1))^2` (:math:`\varepsilon`
+    the dtype's machine epsilon), no spread on the scale of the unconstrained space: SGD's
+    gradient there carried no minibatch noise (e.g. a direction set by the prior alone), so
+    SWAG gives it no spread however wide the posterior is.
     """
     tol = 16 * torch.finfo(mean.dtype).eps * mean.abs().clamp(min=1)
     return variance <= tol.square()
