@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .compare_swag import SWAPhaseError, _batches, _elbo, _init_fn, train_swag
 from .datatree import RecordingNUTS
+from .moments import unmoved
 from .multiswag import MultiSWAG
 
 __all__ = ["METHODS", "MethodResult", "run_method", "guide_draws"]
@@ -128,11 +130,20 @@ def _swag_like(ctx, name: str, diagonal: bool) -> MethodResult:
     run = _swag_run(ctx)
     start = time.perf_counter()
     # SWAG is the run's own guide (at the scale chosen on held-out data, if one was)
-    guide = run["collector"].swag_guide(diagonal=True) if diagonal else run["guide"]
+    with warnings.catch_warnings():  # unmoved coordinates: the note below says it
+        warnings.filterwarnings("ignore", message="SWAG: .* did not move",
+                                category=RuntimeWarning)
+        guide = run["collector"].swag_guide(diagonal=True) if diagonal else run["guide"]
     draws = guide_draws(guide, ctx.data, ctx.config.num_samples)
     wall = run["pretrain_s"] + run["swa_s"] + time.perf_counter() - start
+    note = "" if diagonal else _choices(run, guide)
+    still = int(unmoved(guide.loc, guide.variance).sum())
+    if still:  # see docs/swag.md, "Directions SGD never moves"
+        note += (("; " if note else "") + f"{still} of {guide.loc.numel()} coordinates did "
+                 "not move in the SWA phase (no gradient noise there, e.g. weights of a "
+                 "constant input: SWAG gives them no spread; docs/swag.md)")
     return MethodResult(name, draws=draws, guide=guide, wall_s=wall, extra=_info(run),
-                        note="" if diagonal else _choices(run, guide))
+                        note=note)
 
 
 def _multiswag(ctx) -> MethodResult:

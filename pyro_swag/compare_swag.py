@@ -318,11 +318,14 @@ def _swa_phase(model, collector, x, y, lr, config, map_loc, quiet, desc):
     _reset(collector, map_loc)
     while True:
         try:
-            guide, _ = fit(
-                model, collector, (x, y), epochs=epochs, swa_start=0, swa_lr=lr,
-                batch_size=batch, collect_every=every, collect_every_steps=every_steps,
-                quiet=True if quiet else None,
-            )
+            with warnings.catch_warnings():  # the report's note says it, once
+                warnings.filterwarnings("ignore", message="SWAG: .* did not move",
+                                        category=RuntimeWarning)
+                guide, _ = fit(
+                    model, collector, (x, y), epochs=epochs, swa_start=0, swa_lr=lr,
+                    batch_size=batch, collect_every=every, collect_every_steps=every_steps,
+                    quiet=True if quiet else None,
+                )
             if guide is not None and torch.isfinite(guide.loc).all():
                 return guide, lr, retries
             err = RuntimeError("non-finite SWA mean")

@@ -1,5 +1,6 @@
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -269,6 +270,19 @@ def test_extreme_importance_ratios_give_a_real_loo_not_nan(tmp_path):
     assert math.isfinite(row["loo_elpd"]) and row["loo_max_k"] > 0.7
     text = (out / "report.md").read_text()
     assert "`pred_prob_err`: mean absolute difference" in text and "pred_sd_err" not in text
+
+
+def test_coordinates_sgd_never_moved_are_a_report_note_not_a_warning(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = compare(small("digits", n=300, n_test=100), tmp_path / "r",
+                       config=tiny(methods=("swag",)), quiet=True)["methods"]
+    assert not [w for w in caught if "did not move" in str(w.message)]
+    assert re.search(r"\d+ of 3760 coordinates did not move in the SWA phase",
+                     rows["swag"]["note"])
+    assert "did not move" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_too_few_draws_for_loo_keep_the_trees_and_say_why(tmp_path):
