@@ -141,9 +141,10 @@ def check_step_snapshots(batches, epochs: int, swa_start: int, collect_every_ste
         )
 
 
-def check_swa_batches(batches, swa_batches: str, swa_lr) -> None:
+def check_swa_batches(batches, swa_batches: str, swa_lr, own_plate: str | None = None) -> None:
     """Data-dependent SWA-phase checks: independent batches need tensor data, the ``"auto"``
-    rate two full batches (its noise estimate compares batches of one size)."""
+    rate two full batches (its noise estimate compares batches of one size); ``own_plate``:
+    a plate the model subsamples itself."""
     tensors = isinstance(batches, _TensorBatches)
     if swa_batches == "independent" and not tensors:
         raise ValueError(
@@ -160,7 +161,9 @@ def check_swa_batches(batches, swa_batches: str, swa_lr) -> None:
         raise ValueError(
             f"swa_lr='auto' estimates gradient noise from at least 2 full batches, but "
             f"{rows} rows an epoch give {rows // size} of batch size {size}; pass a smaller "
-            f"{smaller} or a float swa_lr"
+            f"{smaller} or a float swa_lr" + ("" if own_plate is None else
+            f" (the model subsamples plate {own_plate!r} itself, which the estimate cannot "
+            "see: pass a float swa_lr, or drop subsample_size and let fit make the minibatches)")
         )
 
 

@@ -171,9 +171,10 @@ def _check_column_targets(trace, tensors) -> None:
         ) from err
 
 
-def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool) -> None:
+def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool) -> str | None:
     """Raise unless the model observes something given a batch, and (``check_scaling``) its
-    observed sites are scaled by ``num_data / batch``.
+    observed sites are scaled by ``num_data / batch``. Returns the name of a plate of an
+    observed site that the model subsamples itself (``subsample_size``), else None.
 
     A per-point (tensor) scale is compared by its mean: reweightings such as
     :class:`~pyro_swag.models.BetaNLL` normalise their weights to mean 1 over the batch.
@@ -207,8 +208,10 @@ def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool) -> Non
             "tensor(s)): its likelihood would become a latent site of the guide. Pass the "
             "targets too, e.g. data=(x, y), in the order of the model's arguments"
         )
+    own = next((f.name for name, *_ in observed for f in trace.nodes[name]["cond_indep_stack"]
+                if f.vectorized and f.full_size not in (None, f.size)), None)
     if not check_scaling or batch is None or batch == num_data:
-        return
+        return own
     expected = num_data / batch
     for name, scale, factor in observed:
         if not factor and abs(scale - expected) > 1e-4 * expected:  # a pyro.factor may be a
@@ -220,4 +223,9 @@ def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool) -> Non
                 "not declare the full data size. Wrap the likelihood in "
                 f"pyro.plate('data', size={num_data}, subsample=torch.arange({batch})) (or accept "
                 "a num_data argument), or pass check_scaling=False if the scale is intended"
+                + ("" if own is None else
+                   f". Here the model subsamples plate {own!r} itself (subsample_size): keep "
+                   f"that and let fit pass all the data in every step (batch_size={num_data}), "
+                   "or drop subsample_size and let fit make the minibatches")
             )
+    return own

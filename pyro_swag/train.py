@@ -203,7 +203,6 @@ def fit(
     _fitargs.check_fit_objects(collector, optim, callback, checkpoint, resume)
     batches, n = _batches(data, batch_size, num_data)
     _fitargs.check_step_snapshots(batches, epochs, swa_start, collect_every_steps)
-    _fitargs.check_swa_batches(batches, swa_batches, swa_lr)
     if seed is not None:
         if not is_int(seed, 0):
             raise ValueError(f"seed must be an integer >= 0 or None, got seed={seed!r}")
@@ -220,11 +219,12 @@ def fit(
     if first is None:
         raise ValueError("the loader yielded no batches; pass a loader that yields data")
     args = _as_args(first)
-    _check_batch(model, args, kwargs, n, check_scaling)
+    own = _check_batch(model, args, kwargs, n, check_scaling)  # a plate subsampled inside
+    _fitargs.check_swa_batches(batches, swa_batches, swa_lr, own)
     if collector.prototype_trace is None:
         _fitargs.use_network_init(collector, model)
         collector(*args, **kwargs)
-    if isinstance(batches, _TensorBatches) and batches.batch_size == n > 1:
+    if isinstance(batches, _TensorBatches) and batches.batch_size == n > 1 and own is None:
         warnings.warn(
             f"full-batch SGD (batch_size{' defaults to min(N, 128)' if batch_size is None else ''}"
             f" = N = {n}): SWAG's covariance then reflects only the deterministic drift of "

@@ -145,6 +145,30 @@ def test_local_latents_of_a_subsampled_plate_are_refused():
     assert guide.median()["theta"].shape == (8,)
 
 
+def test_a_model_that_subsamples_its_own_plate():
+    """Pyro's own idiom, pyro.plate(..., subsample_size=B): fit passes all the data in every
+    step, the plate's subsampling gives the gradient noise, and no full-batch warning."""
+
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x), subsample_size=10) as idx:
+            pyro.sample("obs", dist.Normal(w * x[idx], 1.0), obs=y[idx])
+
+    x = torch.randn(100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guide, _ = fit(model, SWAGCollector(model), (x, x), epochs=6, swa_start=2,
+                       swa_lr=1e-2, batch_size=100, quiet=True, seed=0)
+    assert guide.marginal_variance() > 1e-6  # the plate's subsamples moved it
+    with pytest.raises(ValueError, match=r"subsamples plate 'data' itself.*batch_size=100"):
+        fit(model, SWAGCollector(model), (x, x), epochs=2, swa_start=0, swa_lr=1e-2,
+            batch_size=20, quiet=True)
+    with pytest.raises(ValueError, match=r"swa_lr='auto'.*subsamples plate 'data' itself.*"
+                                         r"float swa_lr"):
+        fit(model, SWAGCollector(model), (x, x), epochs=2, swa_start=0, swa_lr="auto",
+            batch_size=100, quiet=True)
+
+
 def test_an_obs_mask_under_minibatches_points_to_poutine_mask():
     def model(x, y=None, mask=None, num_data=None):
         w = pyro.sample("w", dist.Normal(0.0, 1.0))
