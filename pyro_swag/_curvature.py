@@ -162,7 +162,8 @@ def _curvature_parts(
         if g is None:
             raise RuntimeError(
                 "precondition needs per-example gradients, but an observed site's log-density "
-                "is not indexed by the batch's first dimension; use precondition=None"
+                "is not indexed by the batch's first dimension (e.g. the model subsamples "
+                "its own plate with subsample_size); use precondition=None"
             )
         grads.append(g)
     first = tuple(batches[0])

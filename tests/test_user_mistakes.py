@@ -167,6 +167,9 @@ def test_a_model_that_subsamples_its_own_plate():
                                          r"float swa_lr"):
         fit(model, SWAGCollector(model), (x, x), epochs=2, swa_start=0, swa_lr="auto",
             batch_size=100, quiet=True)
+    with pytest.raises(RuntimeError, match=r"per-example gradients.*subsamples its own plate"):
+        fit(model, SWAGCollector(model), (x, x), epochs=2, swa_start=0, swa_lr=1e-2,
+            batch_size=100, precondition="diag", quiet=True)
 
 
 def test_an_obs_mask_under_minibatches_points_to_poutine_mask():
