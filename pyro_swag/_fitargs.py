@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pyro.optim
 import torch
+from pyro import poutine
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 
 from ._checks import is_int, is_positive_finite
@@ -211,3 +212,26 @@ def use_network_init(collector: Any, model: Callable) -> None:
     init = getattr(model, "init_loc_fn", None)
     if messenger is not None and messenger.init_fn is init_to_median and callable(init):
         collector._model = (InitMessenger(init())(model),)
+
+
+def warn_model_params(model: Callable, latent_dim: int, args: tuple, kwargs: dict) -> None:
+    """Warn when the model's own parameters (``pyro.param``, ``pyro.module``, plain
+    ``PyroModule`` parameters) outnumber its latent coordinates: SWAG covers only the latter,
+    and the SWA phase keeps training the former as point estimates."""
+    with torch.random.fork_rng(), torch.no_grad():
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
+    sizes = {name: site["value"].numel() for name, site in trace.nodes.items()
+             if site["type"] == "param"}
+    total = sum(sizes.values())
+    if total <= latent_dim:
+        return
+    names = ", ".join(repr(n) for n in list(sizes)[:3]) + (", ..." if len(sizes) > 3 else "")
+    warnings.warn(
+        f"the model has {total} parameter entries ({names}) against {latent_dim} latent "
+        "coordinate(s): SWAG's posterior covers the latent sites only, and the SWA phase "
+        "keeps training the parameters as point estimates (their last value is used, not "
+        "averaged). For a Bayesian network, make its weights latent (PyroSample priors, as "
+        "in pyro_swag.models.BayesianMLP), or use pyro_swag.ModuleSWAG for a plain nn.Module",
+        UserWarning,
+        stacklevel=3,
+    )

@@ -224,6 +224,7 @@ def fit(
     if collector.prototype_trace is None:
         _fitargs.use_network_init(collector, model)
         collector(*args, **kwargs)
+    _fitargs.warn_model_params(model, collector.latent_dim, args, kwargs)
     if isinstance(batches, _TensorBatches) and batches.batch_size == n > 1 and own is None:
         warnings.warn(
             f"full-batch SGD (batch_size{' defaults to min(N, 128)' if batch_size is None else ''}"

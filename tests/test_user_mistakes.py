@@ -172,6 +172,33 @@ def test_a_model_that_subsamples_its_own_plate():
             batch_size=100, precondition="diag", quiet=True)
 
 
+def test_a_network_of_pyro_params_is_said_not_to_be_swag_latent():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+
+    def model(x, y=None, num_data=None):
+        pyro.module("net", net)  # point-estimated weights: SWAG would cover only "s"
+        s = pyro.sample("s", dist.HalfNormal(1.0))
+        with pyro.plate("data", num_data or len(x), subsample=torch.arange(len(x))):
+            pyro.sample("obs", dist.Normal(net(x).squeeze(-1), s), obs=y)
+
+    x = torch.randn(40, 3)
+    with pytest.warns(UserWarning, match=r"21 parameter entries \('net\$\$\$0.weight'.*against 1 "
+                                         r"latent.*ModuleSWAG"):
+        fit(model, SWAGCollector(model), (x, x[:, 0]), epochs=3, swa_start=1, swa_lr=1e-3,
+            batch_size=10, quiet=True)
+    with warnings.catch_warnings():  # a few hyper-parameters beside many latents: no warning
+        warnings.simplefilter("error")
+        fit(linreg_with_sigma, SWAGCollector(linreg_with_sigma), (x, x[:, 0]), epochs=3,
+            swa_start=1, swa_lr=1e-3, batch_size=10, quiet=True)
+
+
+def linreg_with_sigma(x, y=None, num_data=None):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
+    sigma = pyro.param("sigma", torch.tensor(1.0), constraint=dist.constraints.positive)
+    with pyro.plate("data", num_data or len(x), subsample=torch.arange(len(x))):
+        pyro.sample("obs", dist.Normal(x @ w, sigma), obs=y)
+
+
 def test_an_obs_mask_under_minibatches_points_to_poutine_mask():
     def model(x, y=None, mask=None, num_data=None):
         w = pyro.sample("w", dist.Normal(0.0, 1.0))
