@@ -130,20 +130,31 @@ def _swag_like(ctx, name: str, diagonal: bool) -> MethodResult:
     run = _swag_run(ctx)
     start = time.perf_counter()
     # SWAG is the run's own guide (at the scale chosen on held-out data, if one was)
-    with warnings.catch_warnings():  # unmoved coordinates: the note below says it
-        warnings.filterwarnings("ignore", message="SWAG: .* did not move",
-                                category=RuntimeWarning)
-        guide = run["collector"].swag_guide(diagonal=True) if diagonal else run["guide"]
+    guide = _frozen(run["collector"], diagonal=True) if diagonal else run["guide"]
     draws = guide_draws(guide, ctx.data, ctx.config.num_samples)
     wall = run["pretrain_s"] + run["swa_s"] + time.perf_counter() - start
-    note = "" if diagonal else _choices(run, guide)
-    still = int(unmoved(guide.loc, guide.variance).sum())
-    if still:  # see docs/swag.md, "Directions SGD never moves"
-        note += (("; " if note else "") + f"{still} of {guide.loc.numel()} coordinates did "
-                 "not move in the SWA phase (no gradient noise there, e.g. weights of a "
-                 "constant input: SWAG gives them no spread; docs/swag.md)")
+    note = _unmoved_note(guide, "" if diagonal else _choices(run, guide))
     return MethodResult(name, draws=draws, guide=guide, wall_s=wall, extra=_info(run),
                         note=note)
+
+
+def _frozen(collector, diagonal: bool = False):
+    """``collector.swag_guide()`` without the unmoved-coordinates warning (a note says it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="SWAG: .* did not move",
+                                category=RuntimeWarning)
+        return collector.swag_guide(diagonal=diagonal)
+
+
+def _unmoved_note(guide, note: str) -> str:
+    """``note``, with the count of coordinates the SWA phase did not move, if any."""
+    still = int(unmoved(guide.loc, guide.variance).sum())
+    if not still:  # see docs/swag.md, "Directions SGD never moves"
+        return note
+    text = (f"{still} of {guide.loc.numel()} coordinates did not move in the SWA phase (no "
+            "gradient noise there, e.g. weights of a constant input: SWAG gives them no "
+            "spread; docs/swag.md)")
+    return f"{note}; {text}" if note else text
 
 
 def _multiswag(ctx) -> MethodResult:
@@ -169,7 +180,7 @@ def _calibrated(ctx) -> MethodResult:
     data, cfg = ctx.data, ctx.config
     run = _swag_run(ctx)
     start = time.perf_counter()
-    guide = run["collector"].swag_guide()
+    guide = _frozen(run["collector"])
     if cfg.calibration == "validation":  # chosen on the pre-training hold-out
         result = run.get("heldout_calibration")
         if result is None:
@@ -189,7 +200,7 @@ def _calibrated(ctx) -> MethodResult:
     wall = (run["pretrain_s"] + run["swa_s"] + run.get("heldout_s", 0.0)
             + time.perf_counter() - start)
     return MethodResult("calibrated_swag", draws=draws, guide=guide, wall_s=wall,
-                        note=f"scale={result.scale:.3g} chosen by {how}",
+                        note=_unmoved_note(guide, f"scale={result.scale:.3g} chosen by {how}"),
                         extra={"scale": float(result.scale)})
 
 

@@ -278,10 +278,11 @@ def test_coordinates_sgd_never_moved_are_a_report_note_not_a_warning(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rows = compare(small("digits", n=300, n_test=100), tmp_path / "r",
-                       config=tiny(methods=("swag",)), quiet=True)["methods"]
+                       config=tiny(methods=("swag", "calibrated_swag")), quiet=True)["methods"]
     assert not [w for w in caught if "did not move" in str(w.message)]
-    assert re.search(r"\d+ of 3760 coordinates did not move in the SWA phase",
-                     rows["swag"]["note"])
+    for name in ("swag", "calibrated_swag"):
+        assert re.search(r"\d+ of 3760 coordinates did not move in the SWA phase",
+                         rows[name]["note"])
     assert "did not move" in (tmp_path / "r" / "report.md").read_text()
 
 
