@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 from pyro.util import check_site_shape
 
 from ._checks import is_int
@@ -173,8 +174,8 @@ def _check_column_targets(trace, tensors) -> None:
 
 def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool) -> str | None:
     """Raise unless the model observes something given a batch, and (``check_scaling``) its
-    observed sites are scaled by ``num_data / batch``. Returns the name of a plate of an
-    observed site that the model subsamples itself (``subsample_size``), else None.
+    observed sites are scaled by ``num_data / batch``. Returns the name of a plate that the
+    model subsamples itself at random (``subsample_size``), else None.
 
     A per-point (tensor) scale is compared by its mean: reweightings such as
     :class:`~pyro_swag.models.BetaNLL` normalise their weights to mean 1 over the batch.
@@ -208,8 +209,9 @@ def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool) -> str
             "tensor(s)): its likelihood would become a latent site of the guide. Pass the "
             "targets too, e.g. data=(x, y), in the order of the model's arguments"
         )
-    own = next((f.name for name, *_ in observed for f in trace.nodes[name]["cond_indep_stack"]
-                if f.vectorized and f.full_size not in (None, f.size)), None)
+    own = next((name for name, site in trace.nodes.items()  # a random subsample= draw
+                if site_is_subsample(site) and site["fn"].subsample_size not in
+                (None, site["fn"].size)), None)
     if not check_scaling or batch is None or batch == num_data:
         return own
     expected = num_data / batch
