@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pyro.optim
 import torch
-from pyro import poutine
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 
 from ._checks import is_int, is_positive_finite
@@ -214,12 +213,11 @@ def use_network_init(collector: Any, model: Callable) -> None:
         collector._model = (InitMessenger(init())(model),)
 
 
-def warn_model_params(model: Callable, latent_dim: int, args: tuple, kwargs: dict) -> None:
+def warn_model_params(trace, latent_dim: int) -> None:
     """Warn when the model's own parameters (``pyro.param``, ``pyro.module``, plain
-    ``PyroModule`` parameters) outnumber its latent coordinates: SWAG covers only the latter,
-    and the SWA phase keeps training the former as point estimates."""
-    with torch.random.fork_rng(), torch.no_grad():
-        trace = poutine.trace(model).get_trace(*args, **kwargs)
+    ``PyroModule`` parameters; the param sites of its ``trace``) outnumber its latent
+    coordinates: SWAG covers only the latter, and the SWA phase keeps training the former as
+    point estimates."""
     sizes = {name: site["value"].numel() for name, site in trace.nodes.items()
              if site["type"] == "param"}
     total = sum(sizes.values())

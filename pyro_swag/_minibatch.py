@@ -172,10 +172,17 @@ def _check_column_targets(trace, tensors) -> None:
         ) from err
 
 
-def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool) -> str | None:
+def own_subsample(trace) -> str | None:
+    """The name of a plate that the model subsamples itself at random (``subsample_size``
+    smaller than its size: a subsample draw in the trace), else None."""
+    return next((name for name, site in trace.nodes.items()
+                 if site_is_subsample(site) and site["fn"].subsample_size not in
+                 (None, site["fn"].size)), None)
+
+
+def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool):
     """Raise unless the model observes something given a batch, and (``check_scaling``) its
-    observed sites are scaled by ``num_data / batch``. Returns the name of a plate that the
-    model subsamples itself at random (``subsample_size``), else None.
+    observed sites are scaled by ``num_data / batch``. Returns the model's trace on the batch.
 
     A per-point (tensor) scale is compared by its mean: reweightings such as
     :class:`~pyro_swag.models.BetaNLL` normalise their weights to mean 1 over the batch.
@@ -209,11 +216,9 @@ def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool) -> str
             "tensor(s)): its likelihood would become a latent site of the guide. Pass the "
             "targets too, e.g. data=(x, y), in the order of the model's arguments"
         )
-    own = next((name for name, site in trace.nodes.items()  # a random subsample= draw
-                if site_is_subsample(site) and site["fn"].subsample_size not in
-                (None, site["fn"].size)), None)
     if not check_scaling or batch is None or batch == num_data:
-        return own
+        return trace
+    own = own_subsample(trace)
     expected = num_data / batch
     for name, scale, factor in observed:
         if not factor and abs(scale - expected) > 1e-4 * expected:  # a pyro.factor may be a
@@ -230,4 +235,4 @@ def _check_batch(model, args, kwargs, num_data: int, check_scaling: bool) -> str
                    f"that and let fit pass all the data in every step (batch_size={num_data}), "
                    "or drop subsample_size and let fit make the minibatches")
             )
-    return own
+    return trace

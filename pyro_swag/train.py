@@ -35,7 +35,14 @@ from tqdm.auto import tqdm
 from . import _checkpoint, _fitargs
 from ._checks import is_int
 from ._curvature import _check_kind
-from ._minibatch import _accepts, _as_args, _batches, _check_batch, _TensorBatches
+from ._minibatch import (
+    _accepts,
+    _as_args,
+    _batches,
+    _check_batch,
+    _TensorBatches,
+    own_subsample,
+)
 from .autoguide import SWAGCollector, SWAGGuide
 from .precondition import (
     Preconditioner,
@@ -219,12 +226,13 @@ def fit(
     if first is None:
         raise ValueError("the loader yielded no batches; pass a loader that yields data")
     args = _as_args(first)
-    own = _check_batch(model, args, kwargs, n, check_scaling)  # a plate subsampled inside
+    trace = _check_batch(model, args, kwargs, n, check_scaling)
+    own = own_subsample(trace)  # a plate the model subsamples itself
     _fitargs.check_swa_batches(batches, swa_batches, swa_lr, own)
     if collector.prototype_trace is None:
         _fitargs.use_network_init(collector, model)
         collector(*args, **kwargs)
-    _fitargs.warn_model_params(model, collector.latent_dim, args, kwargs)
+    _fitargs.warn_model_params(trace, collector.latent_dim)
     if isinstance(batches, _TensorBatches) and batches.batch_size == n > 1 and own is None:
         warnings.warn(
             f"full-batch SGD (batch_size{' defaults to min(N, 128)' if batch_size is None else ''}"
