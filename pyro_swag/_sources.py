@@ -309,9 +309,10 @@ def collect(
         )
     is_mcmc = isinstance(source, MCMC)
     neutra = _neutra_of(source.kernel.model) if is_mcmc else None
-    if model is None:
-        model = (source.kernel.model.fn if neutra else source.kernel.model) if is_mcmc else (
-            _guide_model(source))
+    if model is None and is_mcmc:  # a NeuTra run's kernel has the reparameterised model
+        model = source.kernel.model.fn if neutra else source.kernel.model
+    elif model is None:
+        model = _guide_model(source)
     if not callable(model):
         raise TypeError(
             f"could not find the model of source={type(source).__name__} (a guide loaded with "

@@ -48,6 +48,7 @@ __all__ = [
     "plot_loo_pit", "plot_ppc", "plot_trace", "psis_diagnostic", "summary", "to_datatree",
 ]
 
+
 def to_datatree(
     source: Any,
     args: tuple = (),
