@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .compare_swag import SWAPhaseError, _batches, _elbo, _init_fn, train_swag
 from .datatree import RecordingNUTS
-from .moments import unmoved
+from .moments import unmoved, unmoved_quietly
 from .multiswag import MultiSWAG
 
 __all__ = ["METHODS", "MethodResult", "run_method", "guide_draws"]
@@ -140,9 +139,7 @@ def _swag_like(ctx, name: str, diagonal: bool) -> MethodResult:
 
 def _frozen(collector, diagonal: bool = False):
     """``collector.swag_guide()`` without the unmoved-coordinates warning (a note says it)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="SWAG: .* did not move",
-                                category=RuntimeWarning)
+    with unmoved_quietly():
         return collector.swag_guide(diagonal=diagonal)
 
 

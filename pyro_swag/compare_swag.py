@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .autoguide import SWAGCollector
 from .models import HETEROSCEDASTIC, BetaNLL
+from .moments import unmoved_quietly
 from .predictive import log_likelihood
 from .train import fit
 
@@ -318,9 +319,7 @@ def _swa_phase(model, collector, x, y, lr, config, map_loc, quiet, desc):
     _reset(collector, map_loc)
     while True:
         try:
-            with warnings.catch_warnings():  # the report's note says it, once
-                warnings.filterwarnings("ignore", message="SWAG: .* did not move",
-                                        category=RuntimeWarning)
+            with unmoved_quietly():  # the report's note says it, once
                 guide, _ = fit(
                     model, collector, (x, y), epochs=epochs, swa_start=0, swa_lr=lr,
                     batch_size=batch, collect_every=every, collect_every_steps=every_steps,

@@ -26,6 +26,7 @@ when the spread is tiny compared with the mean. Deviations live in a preallocate
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any
@@ -35,7 +36,7 @@ from torch import nn
 
 from ._checks import is_int, is_real
 
-__all__ = ["SWAGMoments", "unmoved", "warn_unmoved"]
+__all__ = ["SWAGMoments", "unmoved", "unmoved_quietly", "warn_unmoved"]
 
 
 def unmoved(mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,14 @@ def warn_unmoved(counts: dict[str, int], size: int, snapshots: int, stacklevel: 
         RuntimeWarning,
         stacklevel=stacklevel + 1,
     )
+
+
+@contextlib.contextmanager
+def unmoved_quietly():
+    """Silence :func:`warn_unmoved` inside the block (for callers that report it otherwise)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="SWAG: .* did not move", category=RuntimeWarning)
+        yield
 
 
 class SWAGMoments(nn.Module):
