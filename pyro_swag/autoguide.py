@@ -349,10 +349,11 @@ class SWAGGuide(FittedContinuous):
         at :math:`O(PK')` per point (:mod:`pyro_swag._lowrank`); what
         :class:`~pyro.infer.reparam.NeuTraReparam` uses to whiten the model for HMC/NUTS."""
         self._create_plates(*args, **kwargs)  # NeuTraReparam reads guide.plates next
-        full = not self.diagonal and self.rank
-        diag = self.scale * self.variance * (1.0 if self.diagonal else 0.5)
-        factor = self.cov_factor() if full else self.loc.new_zeros(self.loc.numel(), 0)
-        return LowRankAffine(self.loc, diag, factor)
+        post = self.get_posterior()
+        if isinstance(post, dist.LowRankMultivariateNormal):
+            return LowRankAffine(post.loc, post.cov_diag, post.cov_factor)
+        return LowRankAffine(self.loc, post.base_dist.scale.square(),
+                             self.loc.new_zeros(self.loc.numel(), 0))
 
     def marginal_variance(self) -> torch.Tensor:
         """Diagonal of the posterior covariance, without forming it."""
